@@ -1,0 +1,1 @@
+"""Placeholder until the capsule family lands (helper in progress)."""
