@@ -74,6 +74,8 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms
     multicrop: bool = False  # also report multi-crop test error at the end
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    save_every: int = 1  # keep checkpoints/model_epoch_{k}.pt every this many epochs (0 = never)
+    system_metrics: bool = True  # sample CPU/GPU/memory into the MLflow run (system/* metrics)
 
 
 @dataclass

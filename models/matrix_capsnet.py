@@ -1,1 +1,114 @@
-"""Placeholder until the capsule family lands (helper in progress)."""
+"""Matrix capsules with EM routing (Hinton, Sabour & Frosst, "Matrix capsules with EM routing", ICLR 2018).
+
+The paper's smallNORB network: ReLU Conv1 (5x5, stride 2, A channels) -> PrimaryCaps (1x1, B types)
+-> ConvCaps1 (3x3, stride 2, C types) -> ConvCaps2 (3x3, stride 1, D types) -> ClassCaps (weights shared
+over positions, coordinate addition). On 32x32 input the grids are 14 -> 14 -> 6 -> 4; on 28x28,
+12 -> 12 -> 5 -> 3. Parameter counts: em_capsnet (A=B=C=D=32) 316K (paper: ~310K),
+em_capsnet_small (A=64, B=8, C=D=16) 68K (paper: 68K).
+
+``forward`` returns logit(a_j) of the class capsules (a clamped to [1e-6, 1 - 1e-6]) so argmax and
+cross-entropy are well defined; ``forward_capsules`` returns the class poses and activations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from models import register_model
+from models.capsules import ClassCaps, Competition, ConvCaps, PrimaryCaps, Routing, conv_out_size
+from models.em_routing import DEFAULT_VAR_FLOOR, CostNorm, _choice, inverse_temperatures
+from models.normalization import PerImageStandardize
+
+LOGIT_EPS = 1e-6  # class activations are clamped to [eps, 1 - eps] before the logit
+
+
+class MatrixCapsNet(nn.Module):
+    family = "capsule"
+    default_loss = "spread"
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 5,
+        input_size: int = 32,
+        A: int = 32,
+        B: int = 32,
+        C: int = 32,
+        D: int = 32,
+        routing_iters: int = 3,
+        competition: str = "global",  # global (the paper's intent) | patch (each receptive field alone)
+        coord_add: bool = True,
+        lambda_schedule: str = "official",  # official: final (1 - 0.95^t) | linear: 1, 2, 3 | constant
+        final_lambda: float = 0.01,
+        cost_norm: str = "none",  # none (paper) | zscore (seed article) | scaled (Gritzman 2019)
+        routing: str = "fast",  # fast (models.em_fast) | reference (unfold + einsum + DESIGN §4)
+        var_floor: float = DEFAULT_VAR_FLOOR,
+    ):
+        super().__init__()
+        for name, value in dict(in_channels=in_channels, num_classes=num_classes, A=A, B=B, C=C, D=D).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        competition = _choice(Competition, competition, "competition").value
+        cost_norm = _choice(CostNorm, cost_norm, "cost_norm").value
+        routing = _choice(Routing, routing, "routing").value
+        lambdas = inverse_temperatures(lambda_schedule, routing_iters, final_lambda)
+
+        # grid sides and the receptive-field centres of ConvCaps2's positions (for coordinate addition)
+        side1 = conv_out_size(input_size, 5, 2)
+        side2 = conv_out_size(side1, 3, 2)
+        side3 = conv_out_size(side2, 3, 1)
+        if side3 < 1:
+            raise ValueError(f"input_size {input_size} is too small for this network: use 28 or 32 (>= 19)")
+        # pixel index of a ConvCaps2 centre: conv1 adds 2 (stride 2), ConvCaps1 2·1, ConvCaps2 4·1
+        centres = [(8 + 4 * r + 0.5) / input_size for r in range(side3)]
+
+        self.num_classes, self.input_size, self.in_channels = num_classes, input_size, in_channels
+        self.inverse_temperatures = lambdas
+        self.normalize = PerImageStandardize()
+        self.conv1 = nn.Conv2d(in_channels, A, 5, stride=2)
+        self.primary_caps = PrimaryCaps(A, B)
+        routing_args = dict(cost_norm=cost_norm, var_floor=var_floor, routing=routing)
+        self.conv_caps1 = ConvCaps(B, C, 3, 2, lambdas, competition=competition, **routing_args)
+        self.conv_caps2 = ConvCaps(C, D, 3, 1, lambdas, competition=competition, **routing_args)
+        self.class_caps = ClassCaps(D, num_classes, lambdas, centres, coord_add=coord_add, **routing_args)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        want = (self.in_channels, self.input_size, self.input_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(
+                f"expected input N×{want[0]}×{want[1]}×{want[2]}, got {tuple(x.shape)}; build the model "
+                f"with in_channels/input_size matching the data"
+            )
+
+    def forward_capsules(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [0,1] pixels N×C×S×S -> class poses (N, classes, 16), class activations (N, classes)."""
+        self._check_input(x)
+        features = torch.relu(self.conv1(self.normalize(x)))  # (N, A, S1, S1)
+        poses, acts = self.primary_caps(features)  # (N, S1, S1, B, 16), (N, S1, S1, B)
+        poses, acts = self.conv_caps1(poses, acts)  # (N, S2, S2, C, ...)
+        poses, acts = self.conv_caps2(poses, acts)  # (N, S3, S3, D, ...)
+        return self.class_caps(poses, acts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits: logit(a_j) of the class capsules, N×classes."""
+        _, acts = self.forward_capsules(x)
+        return torch.logit(acts, eps=LOGIT_EPS)
+
+
+def _create_capsnet(variant: str, **kwargs) -> MatrixCapsNet:
+    return MatrixCapsNet(**kwargs)
+
+
+@register_model
+def em_capsnet(**kwargs) -> MatrixCapsNet:
+    """The paper's smallNORB capsule network, A=B=C=D=32 (≈310K parameters)."""
+    model_args = dict(A=32, B=32, C=32, D=32)
+    return _create_capsnet("em_capsnet", **dict(model_args, **kwargs))
+
+
+@register_model
+def em_capsnet_small(**kwargs) -> MatrixCapsNet:
+    """The paper's small capsule network, A=64, B=8, C=D=16 (≈68K parameters)."""
+    model_args = dict(A=64, B=8, C=16, D=16)
+    return _create_capsnet("em_capsnet_small", **dict(model_args, **kwargs))

@@ -1,0 +1,839 @@
+"""The comparison report of a study: capsules vs CNNs side by side, rendered from MLflow records.
+
+    python -m harness.report demo                  # writes reports/demo/report.{md,html} + PNGs
+    python -m harness.report smallnorb_azimuth --out /tmp/r --no-log
+
+Reads the study's runs (parent run, Optuna trial runs, final runs with their attack metrics; see
+docs/contracts.md "Tracking" and "Study records") through harness/tracking.py, and writes
+``reports/NAME/report.md``, a self-contained ``reports/NAME/report.html`` (figures embedded as data
+URIs) and the PNGs, then logs them to the study's parent run under ``report/``. A study with a
+missing stage still gets a report that shows what exists and names what is missing. The study
+calls ``write_report(name)`` as its last stage. Set ``MLFLOW_TRACKING_URI`` to read another store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from harness import report_figures as figs
+from harness import tracking
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["data", "tune", "train", "viewpoint", "attack"]  # the stages before `report`
+ATTACKS = ["fgsm", "bim", "pgd"]
+SUMMARY_ATTACKS = ["fgsm", "bim"]  # the paper's attacks; PGD is in the figures
+EPS_UNITS = (
+    "ε is in [0,1] pixel units of the model input "
+    "(after the dataset's fixed preprocessing, before the model's own normalisation)"
+)
+
+# DESIGN.md §1: the paper's headline numbers (errors as fractions; FGSM read off the paper's Fig. 3)
+PAPER = {
+    "cnn": {
+        "label": "paper: CNN baseline",
+        "n_params": 4.2e6,
+        "test_error": 0.052,
+        "azimuth": (0.037, 0.200),
+        "elevation": (0.043, 0.178),
+        "fgsm_acc": {0.1: 0.58, 0.2: 0.16, 0.5: 0.03},
+    },
+    "capsule": {
+        "label": "paper: EM capsules (A=B=C=D=32)",
+        "n_params": 310e3,
+        "test_error": 0.018,
+        "azimuth": (0.037, 0.135),
+        "elevation": (0.043, 0.123),
+        "fgsm_acc": {0.1: 0.86, 0.2: 0.83, 0.5: 0.69},
+    },
+}
+
+_ATTACK_METRIC = re.compile(
+    r"^attack/(?P<attack>\w+)/(?P<loss>\w+)/(?P<kind>acc|targeted_success)_eps_(?P<eps>[0-9.eE+-]+)$"
+)
+
+
+PAPER_NOTE = (
+    "Rows starting `paper:` are the paper's numbers (DESIGN.md §1; FGSM read off its Fig. 3), for reference: "
+    "the paper trained on all of smallNORB's training images with its own budget."
+)
+
+
+class ReportError(RuntimeError):
+    """A report that cannot be made at all (e.g. no runs for the study); one line, with the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# records: what the report reads from MLflow
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRecord:
+    model: str  # registry name
+    family: str  # capsule | cnn
+    run_id: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    history: pd.DataFrame  # index epoch, one column per metric
+    attacks: pd.DataFrame  # long: model, attack, loss, kind, eps, value
+
+
+@dataclass
+class StudyRecords:
+    name: str
+    parent: dict | None  # run_id, status, params, metrics, tags, experiment_id
+    models: list[ModelRecord]
+    trials: pd.DataFrame  # model, family, number, value, state, params_*
+    matched: dict | None  # viewpoint/matched.json
+    cells: pd.DataFrame | None  # viewpoint/cells.csv
+    study_toml: str | None
+    missing: list[str] = field(default_factory=list)  # plain-words notes of what is not there
+    families: dict[str, str] = field(default_factory=dict)  # model -> capsule | cnn, from every run's tags
+
+    @property
+    def attacks(self) -> pd.DataFrame:
+        frames = [m.attacks for m in self.models if not m.attacks.empty]
+        return pd.concat(frames, ignore_index=True) if frames else _empty_attacks()
+
+    def data_param(self, key: str) -> str:
+        """A run param shared by the final runs (e.g. data.name), else the parent's, else ""."""
+        for m in self.models:
+            if m.params.get(key):
+                return m.params[key]
+        params = (self.parent or {}).get("params", {})
+        return params.get(key) or params.get(f"run.{key}", "")
+
+
+def _empty_attacks() -> pd.DataFrame:
+    return pd.DataFrame(columns=["model", "attack", "loss", "kind", "eps", "value"])
+
+
+def _prefixed(row: pd.Series, prefix: str) -> dict:
+    out = {}
+    for key, value in row.items():
+        if (
+            key.startswith(prefix)
+            and value is not None
+            and not (isinstance(value, float) and math.isnan(value))
+        ):
+            out[key[len(prefix) :]] = value
+    return out
+
+
+def _run_dict(row: pd.Series) -> dict:
+    return {
+        "run_id": row["run_id"],
+        "status": row.get("status", ""),
+        "experiment_id": row.get("experiment_id", ""),
+        "start_time": row.get("start_time"),
+        "params": _prefixed(row, "params."),
+        "metrics": _prefixed(row, "metrics."),
+        "tags": _prefixed(row, "tags."),
+    }
+
+
+def parse_attack_metrics(model: str, metrics: dict[str, float]) -> pd.DataFrame:
+    """``attack/{attack}/{loss}/{acc|targeted_success}_eps_{eps}`` metrics -> a long table.
+
+    When the runs hold no ``worst`` entry for an (attack, kind), it is derived: the lowest
+    accuracy / highest targeted success over the losses present.
+    """
+    rows = []
+    for key, value in metrics.items():
+        m = _ATTACK_METRIC.match(key)
+        if m:
+            rows.append(
+                dict(
+                    model=model,
+                    attack=m["attack"],
+                    loss=m["loss"],
+                    kind=m["kind"],
+                    eps=float(m["eps"]),
+                    value=float(value),
+                )
+            )
+    if not rows:
+        return _empty_attacks()
+    table = pd.DataFrame(rows)
+    derived = []
+    for (attack, kind), group in table.groupby(["attack", "kind"]):
+        if (group["loss"] == "worst").any():
+            continue
+        pick = group.groupby("eps")["value"].min() if kind == "acc" else group.groupby("eps")["value"].max()
+        derived += [
+            dict(model=model, attack=attack, loss="worst", kind=kind, eps=e, value=v) for e, v in pick.items()
+        ]
+    if derived:
+        table = pd.concat([table, pd.DataFrame(derived)], ignore_index=True)
+    return table.sort_values(["attack", "loss", "kind", "eps"], ignore_index=True)
+
+
+def collect(name: str) -> StudyRecords:
+    """Everything the report needs about study ``name``, read from MLflow; missing parts noted."""
+    runs = tracking.search_study_runs(name)
+    if runs.empty:
+        raise ReportError(
+            f"no MLflow runs tagged capsbench.study={name!r} in {tracking.tracking_uri()}; "
+            f"run `make study NAME={name}` first, or point MLFLOW_TRACKING_URI at the store that holds it"
+        )
+    missing: list[str] = []
+    kind = runs.get("tags.capsbench.kind", pd.Series("", index=runs.index)).fillna("")
+    parents = runs[kind == "study"].sort_values("start_time", ascending=False)
+    parent = _run_dict(parents.iloc[0]) if len(parents) else None
+    if parent is None:
+        missing.append("no parent run (capsbench.kind=study): tuning budget and matched protocol are unknown")
+    else:  # keep only the runs of the newest parent, in case an older study of the same name exists
+        parent_ids = runs.get("tags.mlflow.parentRunId", pd.Series("", index=runs.index)).fillna("")
+        runs = runs[
+            (runs["run_id"] == parent["run_id"]) | (parent_ids == parent["run_id"]) | (parent_ids == "")
+        ]
+        kind = kind.loc[runs.index]
+        done = {s for s in STAGES if parent["tags"].get(f"capsbench.stage.{s}") == "done"}
+        for stage in STAGES:
+            if stage not in done:
+                missing.append(f"stage `{stage}` has not finished")
+
+    role = runs.get("tags.capsbench.role", pd.Series("", index=runs.index)).fillna("")
+    finals = runs[(kind == "train") & (role == "final")].sort_values("start_time", ascending=False)
+    chosen = {
+        k.split(".", 2)[2]: v
+        for k, v in (parent or {}).get("tags", {}).items()
+        if k.startswith("capsbench.final.")
+    }
+    models: list[ModelRecord] = []
+    seen: set[str] = set()
+    for _, row in finals.iterrows():
+        run = _run_dict(row)
+        model = run["tags"].get("capsbench.model") or run["params"].get("model.name", "?")
+        if model in seen or (model in chosen and chosen[model] != run["run_id"]):
+            continue
+        seen.add(model)
+        metrics = dict(run["metrics"])
+        attacks = parse_attack_metrics(model, metrics)
+        models.append(
+            ModelRecord(
+                model=model,
+                family=run["tags"].get("capsbench.family", ""),
+                run_id=run["run_id"],
+                status=run["status"],
+                params=run["params"],
+                metrics=metrics,
+                tags=run["tags"],
+                history=tracking.metric_histories(run["run_id"], tracking.EPOCH_METRICS),
+                attacks=attacks,
+            )
+        )
+        if run["status"] != "FINISHED":
+            missing.append(f"the final run of `{model}` ended {run['status']}")
+    models.sort(key=lambda m: (m.family != "capsule", m.model))  # capsules first, then CNNs
+    if not models:
+        missing.append("no final training runs (stage `train`): no summary rows")
+    elif all(m.attacks.empty for m in models):
+        missing.append("no attack metrics on the final runs (stage `attack`)")
+
+    trials = _collect_trials(runs, kind, parent)
+    matched = cells = study_toml = None
+    if parent is not None:
+        text = tracking.read_artifact_text(parent["run_id"], "viewpoint/matched.json")
+        matched = json.loads(text) if text else None
+        text = tracking.read_artifact_text(parent["run_id"], "viewpoint/cells.csv")
+        cells = pd.read_csv(io.StringIO(text)) if text else None
+        study_toml = tracking.read_artifact_text(parent["run_id"], "study.toml")
+    tagged = runs.dropna(subset=[c for c in ("tags.capsbench.model", "tags.capsbench.family") if c in runs])
+    families = dict(zip(tagged.get("tags.capsbench.model", []), tagged.get("tags.capsbench.family", [])))
+    return StudyRecords(name, parent, models, trials, matched, cells, study_toml, missing, families)
+
+
+def _collect_trials(runs: pd.DataFrame, kind: pd.Series, parent: dict | None) -> pd.DataFrame:
+    """Optuna trials per model: the parent's ``tune/<model>_trials.csv`` artifacts, else the trial runs."""
+    frames = []
+    if parent is not None:
+        for path in tracking.list_artifacts(parent["run_id"], "tune"):
+            m = re.match(r"tune/(.+)_trials\.csv$", path)
+            text = tracking.read_artifact_text(parent["run_id"], path) if m else None
+            if text:
+                frame = pd.read_csv(io.StringIO(text))
+                frame.insert(0, "model", m[1])
+                frames.append(frame)
+    if not frames:  # fall back to the nested trial runs themselves
+        rows = []
+        for _, row in runs[kind == "trial"].iterrows():
+            run = _run_dict(row)
+            state = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}.get(
+                run["status"], run["status"]
+            )
+            value = run["metrics"].get("best_val_error", run["metrics"].get("val_error"))
+            rows.append(
+                {
+                    "model": run["tags"].get("capsbench.model", "?"),
+                    "number": int(run["tags"].get("optuna.trial", len(rows))),
+                    "value": value,
+                    "state": state,
+                }
+            )
+        frames = [pd.DataFrame(rows)] if rows else []
+    if not frames:
+        return pd.DataFrame(columns=["model", "number", "value", "state"])
+    trials = pd.concat(frames, ignore_index=True)
+    trials["state"] = trials["state"].astype(str).str.replace("TrialState.", "", regex=False)
+    return trials
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------------
+
+
+def attack_eps(records: StudyRecords, attack: str) -> list[float]:
+    """The non-zero ε of ``attack`` present in any final run, sorted."""
+    a = records.attacks
+    return sorted({e for e in a.loc[a["attack"] == attack, "eps"] if e > 0})
+
+
+def summary_table(records: StudyRecords) -> pd.DataFrame:
+    """One row per model (fractions, not percent); reference rows from the paper where it applies."""
+    view = records.data_param("data.view")
+    matched = (records.matched or {}).get("models", {})
+    pmetrics = (records.parent or {}).get("metrics", {})
+    rows = []
+    for m in records.models:
+        h = m.history
+        rate = h["samples_per_s"].dropna() if "samples_per_s" in h else pd.Series(dtype=float)
+        row = {
+            "model": m.model,
+            "family": m.family,
+            "params": _num(m.metrics.get("n_params", m.params.get("n_params"))),
+            "test error": m.metrics.get("final_test_error", _last(h, "test_error")),
+        }
+        if view and view != "none":
+            mm = matched.get(m.model, {})
+            row["matched epoch"] = mm.get("matched_epoch", pmetrics.get(f"viewpoint/{m.model}/matched_epoch"))
+            row["familiar error (matched)"] = mm.get(
+                "matched_familiar_error", pmetrics.get(f"viewpoint/{m.model}/matched_familiar_error")
+            )
+            row["novel error (matched)"] = mm.get(
+                "matched_novel_error", pmetrics.get(f"viewpoint/{m.model}/matched_novel_error")
+            )
+        for attack in SUMMARY_ATTACKS:
+            for kind, title in (("acc", "error"), ("targeted_success", "targeted success")):
+                for eps in attack_eps(records, attack):
+                    sel = m.attacks[
+                        (m.attacks["attack"] == attack)
+                        & (m.attacks["loss"] == "worst")
+                        & (m.attacks["kind"] == kind)
+                        & np.isclose(m.attacks["eps"], eps)
+                    ]
+                    value = float(sel["value"].iloc[0]) if len(sel) else None
+                    if value is not None and kind == "acc":
+                        value = 1.0 - value
+                    row[f"{attack.upper()} {title} ε={eps:g}"] = value
+        row["train time (s)"] = m.metrics.get("train_seconds")
+        row["samples/s"] = float(rate.median()) if len(rate) else None
+        rows.append(row)
+    if rows and records.data_param("data.name").lower() == "smallnorb":
+        rows += paper_rows(list(rows[0]), view)
+    return pd.DataFrame(rows)
+
+
+def paper_rows(columns: list[str], view: str) -> list[dict]:
+    """The paper's numbers for the columns this table has (DESIGN.md §1)."""
+    rows = []
+    for family in ("capsule", "cnn"):
+        ref = PAPER[family]
+        row: dict = {c: None for c in columns}
+        row.update(model=ref["label"], family=family, params=ref["n_params"])
+        if not view or view == "none":
+            row["test error"] = ref["test_error"]
+        elif view in ("azimuth", "elevation") and "novel error (matched)" in columns:
+            row["familiar error (matched)"], row["novel error (matched)"] = ref[view]
+        for eps, acc in ref["fgsm_acc"].items():
+            if f"FGSM error ε={eps:g}" in columns:
+                row[f"FGSM error ε={eps:g}"] = 1.0 - acc
+        rows.append(row)
+    return rows
+
+
+def split_summary(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Display tables: (clean columns, attack columns with "error / targeted success" per ε) as strings."""
+    shown = format_table(table)
+    attack_cols = [c for c in table.columns if re.match(r"^[A-Z]+ (error|targeted success) ε=", c)]
+    clean = shown[[c for c in table.columns if c not in attack_cols]]
+    if not attack_cols:
+        return clean, None
+    attacked = shown[["model"]].copy()
+    for col in [c for c in attack_cols if " error ε=" in c]:
+        attack, eps = col.split(" error ε=")
+        target = f"{attack} targeted success ε={eps}"
+        attacked[f"{attack} ε={eps}"] = shown[col] + " / " + (shown[target] if target in shown else "–")
+    return clean, attacked
+
+
+def format_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Strings for display: errors and rates as percentages, counts with K/M, times in seconds."""
+    out = table.copy().astype(object)
+    for col in table.columns:
+        for i, v in table[col].items():
+            out.at[i, col] = _fmt_cell(col, v)
+    return out
+
+
+def _fmt_cell(col: str, v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if col in ("model", "family"):
+        return str(v)
+    if col == "params":
+        v = float(v)
+        return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}K" if v >= 1e3 else f"{v:.0f}"
+    if col == "matched epoch":
+        return f"{int(v)}"
+    if col == "train time (s)":
+        return f"{float(v):.0f}"
+    if col == "samples/s":
+        return f"{float(v):.1f}"
+    return f"{100 * float(v):.1f}%"
+
+
+def _num(v) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _last(h: pd.DataFrame, col: str) -> float | None:
+    if col not in h or h[col].dropna().empty:
+        return None
+    return float(h[col].dropna().iloc[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# figure inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def heatmap_grids(records: StudyRecords) -> dict[str, dict]:
+    """Per model, the azimuth × elevation error grid at the matched epoch (else cells.csv's last epoch)."""
+    cells = records.cells
+    if cells is None or cells.empty:
+        return {}
+    matched = (records.matched or {}).get("models", {})
+    view = (records.matched or {}).get("view") or records.data_param("data.view")
+    elevations = sorted(cells["elevation"].unique())
+    azimuths = sorted(cells["azimuth"].unique())
+    grids = {}
+    for model, group in cells.groupby("model", sort=False):
+        epoch = matched.get(model, {}).get("matched_epoch")
+        if epoch is None or epoch not in set(group["epoch"]):
+            epoch = group["epoch"].max()
+        g = group[group["epoch"] == epoch]
+        table = g.pivot_table(index="elevation", columns="azimuth", values="error", aggfunc="mean")
+        table = table.reindex(index=elevations, columns=azimuths)  # elevations × azimuths
+        grids[f"{model} (epoch {int(epoch)})"] = {
+            "error": table.to_numpy(dtype=float),
+            "elevations": [30 + 5 * int(e) for e in elevations],  # raw codes -> degrees
+            "azimuths": [10 * int(a) for a in azimuths],
+            "familiar": _familiar_grid(view, elevations, azimuths),
+        }
+    return grids
+
+
+def _familiar_grid(view: str, elevations: list[int], azimuths: list[int]) -> np.ndarray | None:
+    if view not in ("azimuth", "elevation"):
+        return None
+    try:
+        from harness.data import familiar_mask
+    except ImportError:  # the outline is a nicety; the heatmap stands without it
+        return None
+
+    el, az = np.meshgrid(elevations, azimuths, indexing="ij")  # elevations × azimuths
+    meta = pd.DataFrame({"elevation": el.ravel(), "azimuth": az.ravel()})
+    return np.asarray(familiar_mask(meta, view)).reshape(el.shape)
+
+
+def importances(trials: pd.DataFrame) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """fANOVA hyperparameter importances per model, from the trials table (rebuilt as Optuna trials)."""
+    import optuna
+
+    out, notes = {}, []
+    params = [c for c in trials.columns if c.startswith("params_")]
+    for model, group in trials.groupby("model"):
+        done = group[(group["state"] == "COMPLETE") & group["value"].notna()]
+        cols = [c for c in params if done[c].notna().any() and done[c].nunique() > 1]
+        if len(done) < 3 or not cols:
+            notes.append(f"`{model}`: {len(done)} complete trial(s), too few to estimate importances")
+            continue
+        dists = {c[len("params_") :]: _distribution(done[c].dropna()) for c in cols}
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="minimize")
+        for _, t in done.iterrows():
+            values = {c[len("params_") :]: _native(t[c]) for c in cols if pd.notna(t[c])}
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=values, distributions={k: dists[k] for k in values}, value=float(t["value"])
+                )
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[model] = optuna.importance.get_param_importances(
+                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+                )
+        except Exception as e:  # noqa: BLE001 - a figure must never sink the report
+            notes.append(f"`{model}`: importances could not be computed ({type(e).__name__}: {e})")
+    return out, notes
+
+
+def _distribution(values: pd.Series):
+    import optuna.distributions as d
+
+    if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
+        return d.CategoricalDistribution(sorted({_native(v) for v in values}, key=str))
+    if pd.api.types.is_integer_dtype(values):
+        return d.IntDistribution(int(values.min()), int(values.max()))
+    return d.FloatDistribution(float(values.min()), float(values.max()))
+
+
+def _native(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+# ---------------------------------------------------------------------------------------------
+# notes
+# ---------------------------------------------------------------------------------------------
+
+
+def notes(records: StudyRecords) -> list[str]:
+    """Plain-words notes: data, protocol, ε units, masking flags, tuning budget, what is missing."""
+    out = []
+    data, view = records.data_param("data.name"), records.data_param("data.view")
+    if data:
+        what = {
+            "smallnorb": "the real smallNORB (NYU), 5 categories, test instances unseen in training",
+            "synthnorb": "synthnorb, our procedural stand-in for smallNORB (toy objects, same viewpoints and "
+            "file format), so the numbers are not comparable to the paper's",
+        }.get(data.lower(), data)
+        out.append(
+            f"Data: {what}"
+            + (f"; novel-viewpoint split by **{view}** (paper §5.1)." if view and view != "none" else ".")
+        )
+    if records.matched:
+        mt = records.matched
+        target = mt.get("target_familiar_error")
+        line = f"Matched protocol: {str(mt.get('rule', 'rule not recorded')).rstrip('.')}."
+        if target is not None:
+            ref = mt.get("reference_model", "?")
+            line += f" Familiar-view target {100 * float(target):.1f}% (reference model `{ref}`)."
+        out.append(line)
+        for model, m in mt.get("models", {}).items():
+            if not m.get("reached", True):
+                epoch = m.get("matched_epoch")
+                out.append(f"`{model}` never reached the familiar-view target; its row shows epoch {epoch}.")
+    elif view and view != "none":
+        out.append(
+            "Matched protocol: not recorded (stage `viewpoint` missing); familiar/novel columns are empty."
+        )
+    out.append(
+        f"Attacks: {EPS_UNITS}. Error = 1 − accuracy under attack, worst case over the attack losses "
+        "(cross-entropy on logits and a CW-style margin loss); targeted success is averaged over all "
+        "target classes ≠ the true class."
+    )
+    flags = {m.model: m.tags.get("attack.masking_flags", None) for m in records.models}
+    flagged = {k: v for k, v in flags.items() if v}
+    if flagged:
+        out += [
+            f"**Gradient-masking flag on `{k}`: {v}** — treat its robustness numbers as upper bounds."
+            for k, v in flagged.items()
+        ]
+    elif any(v is not None for v in flags.values()):
+        out.append("Gradient-masking checks: no model flagged.")
+    out += tuning_notes(records)
+    pmetrics = (records.parent or {}).get("metrics", {})
+    times = [(s, pmetrics[f"stage/{s}_seconds"]) for s in STAGES if f"stage/{s}_seconds" in pmetrics]
+    if times:
+        out.append("Stage wall times: " + ", ".join(f"{s} {_duration(t)}" for s, t in times) + ".")
+    return out
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def tuning_notes(records: StudyRecords) -> list[str]:
+    if records.trials.empty:
+        return ["Tuning: no Optuna trials recorded."]
+    out = []
+    params = [c for c in records.trials.columns if c.startswith("params_")]
+    for model, group in records.trials.groupby("model"):
+        counts = group["state"].value_counts()
+        tuned = [c[len("params_") :] for c in params if group[c].notna().any()]
+        done = group[group["state"] == "COMPLETE"]["value"].dropna()
+        best = f", best familiar-view val error {100 * done.min():.1f}%" if len(done) else ""
+        states = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+        out.append(
+            f"Tuning `{model}`: {len(group)} trials ({states}){best}; searched {', '.join(tuned) or '—'}."
+        )
+    p = (records.parent or {}).get("params", {})
+    if "tune.n_trials" in p:
+        epochs = (
+            p.get("tune.epochs", "0") if p.get("tune.epochs", "0") != "0" else p.get("run.train.epochs", "?")
+        )
+        limit = (
+            p.get("tune.limit_train", "0")
+            if p.get("tune.limit_train", "0") != "0"
+            else p.get("run.data.limit_train", "0")
+        )
+        images = "all" if limit == "0" else limit
+        out.append(
+            f"Budget: {p['tune.n_trials']} trials per model (equal for both families), {epochs} epochs "
+            f"each on {images} training images; seeded TPE (seed {p.get('tune.seed', '?')}), median pruning "
+            f"on per-epoch validation error; final models trained {p.get('run.train.epochs', '?')} epochs "
+            "with the best parameters."
+        )
+    for family in ("capsule", "cnn"):
+        space = {k.split(".", 2)[2]: v for k, v in p.items() if k.startswith(f"tune.{family}.")}
+        if space:
+            out.append(
+                f"Search space ({family}): "
+                + "; ".join(f"{k} ∈ {v}" for k, v in sorted(space.items()))
+                + " (ranges are [low, high])."
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering: one list of blocks -> markdown and self-contained HTML
+# ---------------------------------------------------------------------------------------------
+
+
+def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """Save every figure that can be made; (file name, caption) pairs and notes on those that could not."""
+    fams = records.families
+    imp: dict = {}
+    imp_notes: list[str] = []
+    if not records.trials.empty:
+        imp, imp_notes = importances(records.trials)
+    plan = [
+        (
+            "training_curves.png",
+            "Training curves: familiar (solid) and novel (dashed) test error per epoch.",
+            lambda: figs.training_curves({m.model: m.history for m in records.models}, fams),
+        ),
+        (
+            "accuracy_vs_eps.png",
+            "Accuracy under attack vs ε, capsules vs CNN (solid = worst case over losses).",
+            lambda: figs.attack_curves(records.attacks, fams, kind="acc"),
+        ),
+        (
+            "targeted_success_vs_eps.png",
+            "Targeted attack success rate vs ε.",
+            lambda: figs.attack_curves(records.attacks, fams, kind="targeted_success"),
+        ),
+        (
+            "viewpoint_heatmaps.png",
+            "Test error per (azimuth, elevation) cell, per model.",
+            lambda: figs.viewpoint_heatmaps(heatmap_grids(records)),
+        ),
+        (
+            "optuna_history.png",
+            "Optuna optimisation history per model's study.",
+            lambda: figs.optimisation_history(records.trials, fams),
+        ),
+        (
+            "optuna_importances.png",
+            "Hyperparameter importances (fANOVA over the complete trials).",
+            lambda: figs.param_importances(imp, fams),
+        ),
+    ]
+    made, skipped = [], list(imp_notes)
+    for filename, caption, draw in plan:
+        try:
+            fig = draw()
+        except Exception as e:  # noqa: BLE001 - a figure must never sink the report
+            skipped.append(f"{filename} could not be made ({type(e).__name__}: {e})")
+            continue
+        if fig is None:
+            skipped.append(f"{filename}: no data for it yet")
+            continue
+        fig.savefig(out_dir / filename, dpi=90)
+        plt.close(fig)
+        made.append((filename, caption))
+    return made, skipped
+
+
+def build_blocks(records: StudyRecords, figures: list[tuple[str, str]], skipped: list[str]) -> list[tuple]:
+    blocks: list[tuple] = [("h1", f"capsbench report: {records.name}")]
+    parent = records.parent
+    blocks.append(
+        (
+            "p",
+            f"Study `{records.name}`, MLflow store `{tracking.tracking_uri()}`"
+            + (f", parent run `{parent['run_id']}`." if parent else "."),
+        )
+    )
+    description = (parent or {}).get("params", {}).get("description")
+    if description:
+        blocks.append(("p", description))
+    if records.missing:
+        blocks += [("h2", "Missing"), ("ul", records.missing)]
+    blocks.append(("h2", "Summary"))
+    table = summary_table(records)
+    if table.empty:
+        blocks.append(("p", "No final runs yet, so no summary rows."))
+    else:
+        clean, attacked = split_summary(table)
+        blocks.append(("table", clean))
+        if attacked is not None:
+            blocks += [("h2", "Under attack"), ("table", attacked)]
+            blocks.append(
+                ("p", "Each cell: error / targeted success, both worst case over the attack losses.")
+            )
+        has_paper = table["model"].str.startswith("paper:").any()
+        blocks.append(("p", "Errors in %, one row per final model. " + (PAPER_NOTE if has_paper else "")))
+    blocks += [("h2", "Notes"), ("ul", notes(records))]
+    blocks.append(("h2", "Figures"))
+    for filename, caption in figures:
+        blocks.append(("figure", filename, caption))
+    if skipped:
+        blocks.append(("ul", [f"Not drawn: {s}" for s in skipped]))
+    return blocks
+
+
+def render_markdown(blocks: list[tuple]) -> str:
+    out = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h1":
+            out.append(f"# {block[1]}\n")
+        elif kind == "h2":
+            out.append(f"## {block[1]}\n")
+        elif kind == "p":
+            out.append(f"{block[1]}\n")
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in block[1]) + "\n")
+        elif kind == "table":
+            t = block[1]
+            cells = lambda row: "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"  # noqa: E731
+            out.append(
+                "\n".join(
+                    [
+                        cells(t.columns),
+                        "|" + "---|" * len(t.columns),
+                        *(cells(r) for r in t.itertuples(index=False)),
+                    ]
+                )
+                + "\n"
+            )
+        elif kind == "figure":
+            out.append(f"![{block[2]}]({block[1]})\n\n*{block[2]}*\n")
+    return "\n".join(out)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px;display:block;overflow-x:auto}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f4f4f4}
+td:first-child,td:nth-child(2){text-align:left}figure{margin:1.5em 0}img{max-width:100%}
+figcaption{font-size:13px;color:#555}code{background:#f4f4f4;padding:0 3px}"""
+
+
+def render_html(blocks: list[tuple], image_dir: Path) -> str:
+    """Self-contained HTML: every figure embedded as a base64 data URI."""
+    title = next((b[1] for b in blocks if b[0] == "h1"), "capsbench report")
+    body = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{_inline(block[1])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline(block[1])}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block[1]) + "</ul>")
+        elif kind == "table":
+            body.append(block[1].to_html(index=False, border=0, escape=True))
+        elif kind == "figure":
+            data = base64.b64encode((image_dir / block[1]).read_bytes()).decode("ascii")
+            img = f'<img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
+            body.append(f"<figure>{img}<figcaption>{_inline(block[2])}</figcaption></figure>")
+    head = f'<meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style>'
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head>{head}</head>\n<body>\n'
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def _inline(text: str) -> str:
+    """Escape, then render markdown's **bold** and `code`."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def write_report(name: str, *, out_dir: str | Path | None = None, log: bool = True) -> Path:
+    """Write ``reports/NAME/report.{md,html}`` + PNGs, log them to the parent run; returns the HTML path."""
+    records = collect(name)
+    out = Path(out_dir) if out_dir else PROJECT_ROOT / "reports" / name
+    out.mkdir(parents=True, exist_ok=True)
+    figures, skipped = make_figures(records, out)
+    blocks = build_blocks(records, figures, skipped)
+    (out / "report.md").write_text(render_markdown(blocks))
+    path = out / "report.html"
+    path.write_text(render_html(blocks, out))
+    if log and records.parent is not None:
+        tracking.log_artifacts(records.parent["run_id"], out, "report")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.report",
+        description="Render a study's comparison report (capsules vs CNNs) from its MLflow records. "
+        "Reads $MLFLOW_TRACKING_URI (default: the project's mlflow.db).",
+        epilog="example: python -m harness.report demo   # -> reports/demo/report.html",
+    )
+    parser.add_argument(
+        "name", help="study name (the capsbench.study tag of its runs), e.g. demo or smallnorb_azimuth"
+    )
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: reports/NAME under the project root)"
+    )
+    parser.add_argument(
+        "--no-log", action="store_true", help="do not log the report to the study's parent run"
+    )
+    args = parser.parse_args(argv)
+    try:
+        path = write_report(args.name, out_dir=args.out, log=not args.no_log)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    print(f"        {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

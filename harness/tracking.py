@@ -1,0 +1,463 @@
+"""MLflow tracking for capsbench: the only module that imports mlflow.
+
+The store is explicit: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<project root>/mlflow.db`` with
+artifacts in ``<project root>/mlartifacts`` (for any ``sqlite:///.../x.db`` store, artifacts go to an
+``mlartifacts`` folder beside the database). Telemetry is off. Runs are driven through ``MlflowClient``
+with explicit run ids, so several trainings (threads or processes) never share hidden "active run" state.
+
+    python -m harness.tracking ui              # mlflow ui on this store (what `make ui` runs)
+    python -m harness.tracking uri             # print the tracking URI and artifact root
+
+Other modules use: ``start_run``/``resume_run`` -> ``TrackedRun`` (params, tags, metrics with step,
+artifacts, atomic checkpoints, end status), ``load_model(run_id, which)``, ``load_config(run_id)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+
+from harness import checkpoint  # noqa: E402
+from harness.config import RunConfig, dumps_toml, from_dict, to_dict  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT_DIR = "checkpoints"
+RESUME_FILE = f"{CHECKPOINT_DIR}/resume.pt"
+CONFIG_FILE = "config.toml"
+_BATCH = 900  # MLflow accepts at most 1000 metrics / 100 params per log_batch
+
+
+class TrackingError(RuntimeError):
+    """A run, artifact or store that cannot be used as asked."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the store
+# ---------------------------------------------------------------------------------------------
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else the project's sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def artifact_root(uri: str | None = None) -> Path | None:
+    """Artifact folder of new experiments: ``mlartifacts`` beside a sqlite database, else the server's."""
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_absolute():
+            db = Path.cwd() / db
+        return db.parent / "mlartifacts"
+    return None
+
+
+def client() -> MlflowClient:
+    """A client on the explicit store (also sets the fluent API's URI, for anything that uses it)."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment ``name``, created (with its artifact folder) when missing."""
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"experiment {name!r} is deleted; restore it in mlflow ui or pick another name"
+            )
+        return exp.experiment_id
+    root = artifact_root()
+    location = (root / _safe_name(name)).as_uri() if root else None
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created by a concurrent process in the meantime
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+# ---------------------------------------------------------------------------------------------
+
+
+class TrackedRun:
+    """One MLflow run: params, tags, metrics with ``step``, artifacts and its end status."""
+
+    def __init__(self, run_id: str, *, system_metrics: bool = True, resumed: bool = False):
+        self.client = client()
+        self.run_id = run_id
+        info = self.client.get_run(run_id).info
+        self.experiment_id = info.experiment_id
+        self.artifact_uri = info.artifact_uri
+        self._monitor = None
+        if system_metrics:
+            self._monitor = _system_monitor(run_id, resumed)
+
+    # -- logging ------------------------------------------------------------------------------
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        items = [RunTag(k, _text(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(self.run_id, tags=items[i : i + 90])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, _text(v)) for k, v in params.items()]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(self.run_id, params=items[i : i + 90])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+
+    def log_config(self, cfg: RunConfig) -> None:
+        self.log_text(dumps_toml(to_dict(cfg)), CONFIG_FILE)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_json(self, obj: Any, artifact_file: str) -> None:
+        self.log_text(json.dumps(obj, indent=2, default=_json_default), artifact_file)
+
+    def log_file(self, local_path: str | Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_dir)
+
+    def save_torch(self, obj: Any, artifact_file: str) -> None:
+        """``torch.save`` an object as an artifact; atomic (temp + os.replace) in a local artifact store."""
+        local = self.local_artifact_dir()
+        if local is not None:
+            checkpoint.atomic_save(obj, local / artifact_file)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = checkpoint.atomic_save(obj, Path(tmp) / Path(artifact_file).name)
+            self.log_file(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+    def local_artifact_dir(self) -> Path | None:
+        """The run's artifact folder when the store keeps artifacts on this machine's disk."""
+        return _local_path(self.artifact_uri)
+
+    def download(self, artifact_file: str) -> Path:
+        return download_artifact(self.run_id, artifact_file)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def end(self, status: str = "FINISHED") -> None:
+        """FINISHED | FAILED | KILLED; stops the system-metrics sampler first."""
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception:  # the sampler must never hide the run's real outcome
+                pass
+            self._monitor = None
+        self.client.set_terminated(self.run_id, status=status)
+
+    def url(self) -> str:
+        return f"experiment {self.experiment_id}, run {self.run_id}"
+
+
+def start_run(
+    experiment: str,
+    run_name: str,
+    *,
+    tags: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    system_metrics: bool = True,
+) -> TrackedRun:
+    """A new RUNNING run; with ``parent_run_id`` it is nested under that run, in the parent's experiment."""
+    c = client()
+    if parent_run_id:
+        try:
+            exp_id = c.get_run(parent_run_id).info.experiment_id
+        except mlflow.exceptions.MlflowException as e:
+            raise TrackingError(f"parent run {parent_run_id!r} not found in {tracking_uri()}") from e
+    else:
+        exp_id = experiment_id(experiment)
+    all_tags = {
+        "mlflow.runName": run_name,
+        "mlflow.user": _user(),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": "harness.train",
+        **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
+        **{k: _text(v) for k, v in (tags or {}).items()},
+    }
+    run = c.create_run(exp_id, tags=all_tags, run_name=run_name)
+    return TrackedRun(run.info.run_id, system_metrics=system_metrics)
+
+
+def resume_run(run_id: str, *, system_metrics: bool = True) -> TrackedRun:
+    """Reopen an existing run (status back to RUNNING) to continue logging into it."""
+    c = client()
+    try:
+        c.get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
+    c.update_run(run_id, status="RUNNING")
+    return TrackedRun(run_id, system_metrics=system_metrics, resumed=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading runs back
+# ---------------------------------------------------------------------------------------------
+
+
+def download_artifact(run_id: str, artifact_file: str) -> Path:
+    """Local path of a run's artifact (read in place for a local store, else downloaded to a temp dir)."""
+    c = client()
+    try:
+        info = c.get_run(run_id).info
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
+    local = _local_path(info.artifact_uri)
+    if local is not None:
+        path = local / artifact_file
+        if not path.is_file():
+            raise TrackingError(f"run {run_id} has no artifact {artifact_file!r}")
+        return path
+    try:
+        return Path(c.download_artifacts(run_id, artifact_file, tempfile.mkdtemp(prefix="capsbench-")))
+    except Exception as e:
+        raise TrackingError(f"run {run_id} has no artifact {artifact_file!r} ({e})") from e
+
+
+def load_config(run_id: str) -> RunConfig:
+    """The resolved RunConfig a run was trained with (its ``config.toml`` artifact)."""
+    import tomllib
+
+    text = download_artifact(run_id, CONFIG_FILE).read_text()
+    return from_dict(RunConfig, tomllib.loads(text))
+
+
+def checkpoint_file(which: str | int) -> str:
+    """Artifact path of a model record: "final", "best" or an epoch number."""
+    if isinstance(which, int) and not isinstance(which, bool):
+        return f"{CHECKPOINT_DIR}/model_epoch_{which:03d}.pt"
+    if which in ("final", "best"):
+        return f"{CHECKPOINT_DIR}/model_{which}.pt"
+    raise TrackingError(f"which={which!r}: use 'final', 'best' or an epoch number")
+
+
+def load_model(run_id: str, which: str | int = "final", device: str = "cpu"):
+    """Rebuild a trained model from its run alone -> (model in eval mode, RunConfig)."""
+    from models import create_model
+
+    record = checkpoint.load_record(download_artifact(run_id, checkpoint_file(which)))
+    model = create_model(record["model_name"], **record["model_kwargs"])
+    model.load_state_dict(record["state_dict"])
+    return model.to(device).eval(), load_config(run_id)
+
+
+def load_resume_state(run_id: str) -> dict[str, Any]:
+    """The full training state of a run's last completed epoch (``checkpoints/resume.pt``)."""
+    return checkpoint.load_resume_state(download_artifact(run_id, RESUME_FILE))
+
+
+def run_status(run_id: str) -> str:
+    return client().get_run(run_id).info.status
+
+
+# ---------------------------------------------------------------------------------------------
+# report queries (the read side used by harness/report.py)
+# ---------------------------------------------------------------------------------------------
+
+EPOCH_METRICS = ("train_loss", "train_error", "val_error", "test_error", "test_familiar_error",
+                 "test_novel_error", "margin", "lr", "samples_per_s", "epoch_seconds")  # fmt: skip
+
+
+def search_study_runs(study: str):
+    """Every live run tagged ``capsbench.study=<study>``, in any experiment: mlflow.search_runs's DataFrame."""
+    client()  # sets the fluent API's URI
+    name = study.replace("\\", "\\\\").replace("'", "\\'")
+    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`capsbench.study` = '{name}'")
+
+
+def metric_histories(run_id: str, keys=EPOCH_METRICS):
+    """Per-epoch metrics of a run as a DataFrame indexed by ``epoch`` (the step), one column per key logged."""
+    import pandas as pd
+
+    c, columns = client(), {}
+    for key in keys:
+        history = sorted(c.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        if history:  # a resumed run may log a step twice: keep the latest value
+            columns[key] = pd.Series({m.step: m.value for m in history}, dtype=float)
+    frame = pd.DataFrame(columns).sort_index()
+    frame.index.name = "epoch"
+    return frame
+
+
+def list_artifacts(run_id: str, folder: str = "") -> list[str]:
+    """Paths of the files directly inside a run's artifact folder ("" = the top level)."""
+    return [f.path for f in client().list_artifacts(run_id, folder or None) if not f.is_dir]
+
+
+def read_artifact_text(run_id: str, artifact_file: str) -> str | None:
+    """A text artifact's contents, or None when the run does not have it."""
+    try:
+        return download_artifact(run_id, artifact_file).read_text()
+    except TrackingError:
+        return None
+
+
+def log_artifacts(run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+    """Copy every file of ``local_dir`` into a run's artifacts under ``artifact_path`` (run may be finished)."""
+    client().log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# attack results (written by harness/attack.py into the attacked model's run)
+# ---------------------------------------------------------------------------------------------
+
+
+def log_attack_results(
+    run_id: str, metrics: dict[str, float], tags: dict[str, str], local_dir: str | Path, artifact_path: str
+) -> None:
+    """Metrics (step 0), tags and the files of ``local_dir`` into an existing (possibly finished) run."""
+    c = client()
+    try:
+        c.get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(items), _BATCH):
+        c.log_batch(run_id, metrics=items[i : i + _BATCH])
+    c.log_batch(run_id, tags=[RunTag(k, _text(v)[:8000]) for k, v in tags.items()])
+    c.log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# run facts: git, versions
+# ---------------------------------------------------------------------------------------------
+
+
+def git_info() -> dict[str, str]:
+    """``git.commit`` and ``git.dirty`` (tracked files changed) of the project checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True, timeout=20, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def versions() -> dict[str, str]:
+    """Python and the versions of the libraries results depend on."""
+    out = {"python": platform.python_version()}
+    for dist in ("capsbench", "torch", "torchvision", "numpy", "mlflow", "optuna", "torchattacks", "pandas"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _system_monitor(run_id: str, resumed: bool):
+    """MLflow's psutil sampler (CPU, memory, disk, network; GPU when pynvml is present) for this run."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=tracking_uri())
+        monitor.start()
+        return monitor
+    except Exception as e:  # never fail a training for the sampler
+        print(f"note: system metrics are off for this run ({e})", file=sys.stderr)
+        return None
+
+
+def _local_path(uri: str) -> Path | None:
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return Path(uri)
+    return None
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, default=_json_default, sort_keys=True)
+    return str(value)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.tracking",
+        description="The capsbench MLflow store: browse it or print where it is.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ui = sub.add_parser("ui", help="run `mlflow ui` on the capsbench store")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    sub.add_parser("uri", help="print the tracking URI and the artifact root")
+    args = parser.parse_args(argv)
+
+    uri, root = tracking_uri(), artifact_root()
+    if args.command == "uri":
+        print(f"tracking URI:  {uri}\nartifact root: {root or '(chosen by the tracking server)'}")
+        return 0
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host]
+    cmd += ["--port", str(args.port)]
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        cmd += ["--default-artifact-root", root.as_uri()]
+    print(" ".join(cmd), flush=True)
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

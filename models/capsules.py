@@ -1,0 +1,286 @@
+"""Matrix capsule layers: PrimaryCaps, ConvCaps, ClassCaps (Hinton, Sabour & Frosst, ICLR 2018, §3–4).
+
+Capsule grids are channels-last: poses (N, H, W, types, 16) — a 4x4 pose matrix flattened row-major —
+and activations (N, H, W, types). A child i votes V_ij = P_i W_ij for parent j; EM routing
+(``models.em_routing``) turns the votes into parent poses and activations.
+
+Routing paths (same math, held together by tests):
+- ``routing="reference"``: unfold + einsum + ``em_routing`` as written — plain and memory-hungry.
+- ``routing="fast"``: ``models.em_fast`` — fused M-step statistics, votes recomputed in backward.
+
+Competition in convolutional layers:
+- ``"patch"``: each receptive field routes on its own (softmax over the C parent types at that position).
+- ``"global"``: a child's assignments sum to 1 over every parent (type and position) whose receptive
+  field contains it, as the paper intends (Gritzman 2019) — ``GlobalSoftmax``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import StrEnum
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import em_fast
+from models.em_routing import DEFAULT_VAR_FLOOR, CostNorm, _choice, em_routing, group_softmax
+
+
+class Competition(StrEnum):
+    GLOBAL = "global"  # a child's R sums to 1 over every parent at every position it votes for
+    PATCH = "patch"  # each receptive field routes alone
+
+
+class Routing(StrEnum):
+    FAST = "fast"  # models.em_fast
+    REFERENCE = "reference"  # unfold + einsum + em_routing as written
+
+
+def conv_out_size(size: int, kernel: int, stride: int) -> int:
+    """Output side of a VALID convolution."""
+    return (size - kernel) // stride + 1
+
+
+class GlobalSoftmax:
+    """Softmax of E-step logits over every parent (position, type) that each child votes for.
+
+    Children sit on an (H, W) grid of B types; parents on the (Ho, Wo) grid of a K x K, stride-s VALID
+    convolution, C types. Logits have the logical shape (N, L=Ho*Wo, K*K*B, C) with child slot
+    i = k*B + b (k = kh*K + kw); any memory layout works. Per-child sums are a fold (scatter-add to the
+    child grid) followed by an unfold (gather back), the stabilising per-child max a loop over the K*K
+    offsets. A child no parent reaches takes no part.
+    """
+
+    def __init__(self, in_hw: tuple[int, int], kernel: int, stride: int):
+        self.in_hw, self.kernel, self.stride = in_hw, kernel, stride
+        self.out_hw = tuple(conv_out_size(s, kernel, stride) for s in in_hw)
+
+    def _fold(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, KK, B) per-slot values -> (N, B, H, W) sums over the slots of each child."""
+        N, L, KK, B = x.shape
+        cols = x.permute(0, 3, 2, 1).reshape(N, B * KK, L)  # fold wants (N, B·KK, L), B-major
+        return F.fold(cols, self.in_hw, self.kernel, stride=self.stride)
+
+    def _unfold(self, grid: torch.Tensor) -> torch.Tensor:
+        """(N, B, H, W) per-child values -> (N, L, KK, B) at every slot the child occupies."""
+        N, B = grid.shape[:2]
+        cols = F.unfold(grid, self.kernel, stride=self.stride)  # (N, B·KK, L)
+        return cols.view(N, B, self.kernel**2, -1).permute(0, 3, 2, 1)
+
+    def _child_max(self, m: torch.Tensor) -> torch.Tensor:
+        """(N, L, KK, B) -> (N, B, H, W): the max over the slots of each child (-inf if none)."""
+        N, L, KK, B = m.shape
+        (Ho, Wo), (K, s) = self.out_hw, (self.kernel, self.stride)
+        m = m.view(N, Ho, Wo, KK, B)
+        out = m.new_full((N, B, *self.in_hw), float("-inf"))
+        for k in range(KK):
+            kh, kw = divmod(k, K)
+            rows, cols = slice(kh, kh + s * (Ho - 1) + 1, s), slice(kw, kw + s * (Wo - 1) + 1, s)
+            out[:, :, rows, cols] = torch.maximum(out[:, :, rows, cols], m[:, :, :, k].permute(0, 3, 1, 2))
+        return out
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        N, L, I, C = logits.shape
+        KK = self.kernel**2
+        x = logits.unflatten(2, (KK, I // KK))  # (N, L, KK, B, C)
+        shift = self._unfold(self._child_max(x.detach().amax(dim=-1)))  # (N, L, KK, B), per-child max
+        e = torch.exp(x - shift[..., None])  # (N, L, KK, B, C), every value <= 1
+        total = self._unfold(self._fold(e.sum(dim=-1)))  # (N, L, KK, B): sum over all the child's parents
+        return (e / total[..., None]).flatten(2, 3)  # (N, L, I, C)
+
+
+class PrimaryCaps(nn.Module):
+    """1x1 convolutions from A feature channels to B capsule types: 4x4 pose + sigmoid activation."""
+
+    def __init__(self, in_channels: int, types: int):
+        super().__init__()
+        self.types = types
+        self.pose = nn.Conv2d(in_channels, types * 16, 1)
+        self.activation = nn.Conv2d(in_channels, types, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        N, _, H, W = x.shape
+        poses = self.pose(x).view(N, self.types, 16, H, W).permute(0, 3, 4, 1, 2)  # (N, H, W, B, 16)
+        acts = torch.sigmoid(self.activation(x)).permute(0, 2, 3, 1)  # (N, H, W, B)
+        return poses, acts
+
+
+class _RoutingLayer(nn.Module):
+    """Shared parameters and options of the layers that route: transformation matrices and betas."""
+
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        parents: int,
+        inverse_temperatures: Sequence[float],
+        cost_norm: str,
+        var_floor: float,
+        routing: str,
+    ):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(*weight_shape) * 0.5)  # V = P W keeps the pose scale
+        self.beta_u = nn.Parameter(torch.zeros(parents))
+        self.beta_a = nn.Parameter(torch.zeros(parents))
+        self.inverse_temperatures = tuple(float(x) for x in inverse_temperatures)
+        self.cost_norm = _choice(CostNorm, cost_norm, "cost_norm").value
+        self.var_floor = float(var_floor)
+        self.routing = _choice(Routing, routing, "routing").value
+
+    def _route(self, votes, acts, normalize=group_softmax):
+        return em_routing(
+            votes,
+            acts,
+            self.beta_u,
+            self.beta_a,
+            self.inverse_temperatures,
+            cost_norm=self.cost_norm,
+            var_floor=self.var_floor,
+            normalize=normalize,
+        )
+
+    def _fast_options(self) -> dict:
+        return dict(
+            inverse_temperatures=self.inverse_temperatures, cost_norm=self.cost_norm, var_floor=self.var_floor
+        )
+
+
+class ConvCaps(_RoutingLayer):
+    """Convolutional capsules: K x K receptive fields of B child types, stride s, C parent types.
+
+    weight (K·K·B, C, 4, 4): one 4x4 transformation per child slot (k, b) and parent type, shared over
+    positions. poses (N, H, W, B, 16), acts (N, H, W, B) -> (N, Ho, Wo, C, 16), (N, Ho, Wo, C).
+    """
+
+    def __init__(
+        self,
+        in_types: int,
+        out_types: int,
+        kernel: int,
+        stride: int,
+        inverse_temperatures: Sequence[float],
+        *,
+        competition: str = "global",
+        cost_norm: str = "none",
+        var_floor: float = DEFAULT_VAR_FLOOR,
+        routing: str = "fast",
+    ):
+        super().__init__(
+            (kernel * kernel * in_types, out_types, 4, 4),
+            out_types,
+            inverse_temperatures,
+            cost_norm,
+            var_floor,
+            routing,
+        )
+        self.in_types, self.out_types, self.kernel, self.stride = in_types, out_types, kernel, stride
+        self.competition = _choice(Competition, competition, "competition").value
+
+    def extra_repr(self) -> str:
+        return (
+            f"B={self.in_types}, C={self.out_types}, K={self.kernel}, stride={self.stride}, "
+            f"competition={self.competition}, routing={self.routing}"
+        )
+
+    def forward(self, poses: torch.Tensor, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        N, H, W, B, _ = poses.shape
+        K, s, C = self.kernel, self.stride, self.out_types
+        Ho, Wo = conv_out_size(H, K, s), conv_out_size(W, K, s)
+        if B != self.in_types or Ho < 1 or Wo < 1:
+            raise ValueError(
+                f"ConvCaps(B={self.in_types}, K={K}) got a {H}x{W} grid of {B} types; it needs "
+                f"{self.in_types} types on a grid of at least {K}x{K}"
+            )
+        if self.routing == Routing.FAST.value:
+            mu, a = em_fast.conv_caps(
+                poses,
+                acts,
+                self.weight,
+                self.beta_u,
+                self.beta_a,
+                K,
+                s,
+                self.competition,
+                **self._fast_options(),
+            )
+        else:
+            mu, a = self._reference(poses, acts)
+        return mu.view(N, Ho, Wo, C, 16), a.view(N, Ho, Wo, C)
+
+    def _reference(self, poses, acts):
+        N, H, W, B, _ = poses.shape
+        K, s, KK = self.kernel, self.stride, self.kernel**2
+        # 1. gather each receptive field's children: slot i = k·B + b
+        p = F.unfold(poses.permute(0, 3, 4, 1, 2).reshape(N, B * 16, H, W), K, stride=s)  # (N, B·16·KK, L)
+        L = p.shape[-1]
+        p = p.view(N, B, 16, KK, L).permute(0, 4, 3, 1, 2).reshape(N, L, KK * B, 4, 4)
+        a = F.unfold(acts.permute(0, 3, 1, 2), K, stride=s)  # (N, B·KK, L)
+        a = a.view(N, B, KK, L).permute(0, 3, 2, 1).reshape(N, L, KK * B)
+        # 2. votes V_ij = P_i W_ij: (N, L, I, C, 16)
+        votes = torch.einsum("nlixy,icyz->nlicxz", p, self.weight).flatten(-2)
+        # 3. route: per receptive field, or globally over every parent each child votes for
+        normalize = group_softmax if self.competition == "patch" else GlobalSoftmax((H, W), K, s)
+        return self._route(votes, a, normalize)  # (N, L, C, 16), (N, L, C)
+
+
+class ClassCaps(_RoutingLayer):
+    """Class capsules: every child capsule votes for every class, transformation shared over positions.
+
+    weight (D, classes, 4, 4). With coordinate addition, the scaled centre (row, column) of each child's
+    receptive field in the input image is added to the first two components of its votes.
+    poses (N, S, S, D, 16), acts (N, S, S, D) -> (N, classes, 16), (N, classes).
+    """
+
+    def __init__(
+        self,
+        in_types: int,
+        num_classes: int,
+        inverse_temperatures: Sequence[float],
+        centres: Sequence[float],
+        *,
+        coord_add: bool = True,
+        cost_norm: str = "none",
+        var_floor: float = DEFAULT_VAR_FLOOR,
+        routing: str = "fast",
+    ):
+        super().__init__(
+            (in_types, num_classes, 4, 4), num_classes, inverse_temperatures, cost_norm, var_floor, routing
+        )
+        self.in_types, self.num_classes, self.coord_add = in_types, num_classes, bool(coord_add)
+        self.register_buffer("centres", torch.as_tensor(centres, dtype=torch.float32), persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"D={self.in_types}, classes={self.num_classes}, coord_add={self.coord_add}, "
+            f"routing={self.routing}"
+        )
+
+    def coordinate_offsets(self, dtype: torch.dtype) -> torch.Tensor:
+        """(S·S·D, 16) added to every child's votes: row centre at component 0, column centre at 1."""
+        S, D = len(self.centres), self.in_types
+        off = torch.zeros(S, S, D, 16, dtype=dtype, device=self.centres.device)
+        if self.coord_add:
+            off[..., 0] = self.centres.to(dtype).view(S, 1, 1)
+            off[..., 1] = self.centres.to(dtype).view(1, S, 1)
+        return off.view(S * S * D, 16)
+
+    def forward(self, poses: torch.Tensor, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        N, H, W, D, _ = poses.shape
+        S = len(self.centres)
+        if (H, W, D) != (S, S, self.in_types):
+            raise ValueError(
+                f"ClassCaps expects a {S}x{S} grid of {self.in_types} types, got {H}x{W} of {D}; "
+                "build the network with the input_size it is fed"
+            )
+        p = poses.reshape(N, H * W * D, 4, 4)
+        a = acts.reshape(N, H * W * D)
+        off = self.coordinate_offsets(p.dtype)
+        if self.routing == Routing.FAST.value:
+            return em_fast.class_caps(
+                p, a, self.weight, off, self.beta_u, self.beta_a, **self._fast_options()
+            )
+        weight = self.weight.repeat(H * W, 1, 1, 1)  # (S·S·D, classes, 4, 4), child i = position·D + d
+        votes = (
+            torch.einsum("nixy,icyz->nicxz", p, weight).flatten(-2) + off[:, None, :]
+        )  # (N, I, classes, 16)
+        return self._route(votes, a)

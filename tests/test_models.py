@@ -1,0 +1,74 @@
+"""Registry sweep (timm style): every registered model on tiny inputs — shapes, finite outputs and gradients,
+parameter counts next to the paper's, the contract attributes — plus capsule-specific checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+
+# the paper's parameter counts (em_capsnet ≈310K, small 68K, CNN baseline 4.2M); cnn_small is sized to
+# within 10% of em_capsnet
+PAPER_PARAMS = {"em_capsnet": (310e3, 0.05), "em_capsnet_small": (68e3, 0.05), "cnn_baseline": (4.2e6, 0.05)}
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", models.list_models())
+@pytest.mark.parametrize("in_channels,size", [(1, 32), (2, 28)])
+def test_forward_backward_finite(name, in_channels, size):
+    torch.manual_seed(0)
+    model = models.create_model(name, in_channels=in_channels, num_classes=5, input_size=size)
+    assert model.family in ("capsule", "cnn") and model.default_loss in ("spread", "cross_entropy")
+    assert model.num_classes == 5
+    x = torch.rand(2, in_channels, size, size)
+    x[1] = 0.5  # a blank image: per-image standardisation must not divide by zero
+    logits = model(x)
+    assert logits.shape == (2, 5) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    logits.logsumexp(-1).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_parameter_counts_near_the_paper(name):
+    model = models.create_model(name)
+    count = n_params(model)
+    if name == "cnn_small":
+        target, tol = n_params(models.create_model("em_capsnet")), 0.10
+    elif name in PAPER_PARAMS:
+        target, tol = PAPER_PARAMS[name]
+    else:
+        pytest.skip(f"{name}: no published parameter count")
+    assert abs(count - target) <= tol * target, f"{name}: {count:,} parameters, paper {target:,.0f}"
+
+
+@pytest.mark.parametrize("name", models.list_models("em_*"))
+def test_capsule_contract(name):
+    torch.manual_seed(0)
+    model = models.create_model(name, num_classes=4, routing_iters=2, cost_norm="zscore")
+    assert model.family == "capsule" and model.default_loss == "spread"
+    x = torch.rand(3, 1, 32, 32)
+    poses, acts = model.forward_capsules(x)
+    assert poses.shape == (3, 4, 16) and acts.shape == (3, 4)
+    assert ((acts > 0) & (acts < 1)).all()
+    torch.testing.assert_close(model(x), torch.logit(acts, eps=1e-6))
+    torch.manual_seed(0)
+    again = models.create_model(name, num_classes=4, routing_iters=2, cost_norm="zscore")
+    assert torch.equal(again(x), model(x))  # same seed, same result
+
+
+def test_capsnet_options_are_checked():
+    with pytest.raises(ValueError, match="unknown lambda_schedule"):
+        models.create_model("em_capsnet_small", lambda_schedule="cosine")
+    with pytest.raises(ValueError, match="unknown routing 'slow'"):
+        models.create_model("em_capsnet_small", routing="slow")
+    with pytest.raises(ValueError, match="input_size 16 is too small"):
+        models.create_model("em_capsnet_small", input_size=16)
+    model = models.create_model("em_capsnet_small")
+    with pytest.raises(ValueError, match=r"expected input N×1×32×32, got \(1, 1, 28, 28\)"):
+        model(torch.rand(1, 1, 28, 28))

@@ -1,0 +1,227 @@
+"""Tests for the comparison report (harness/report.py, harness/report_figures.py).
+
+Every test uses its own temporary MLflow store (MLFLOW_TRACKING_URI -> tmp_path), never the project's.
+
+    .venv/bin/python -m pytest -q tests/test_report.py
+"""
+
+from __future__ import annotations
+
+import base64
+import html.parser
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness import report, tracking
+
+MODELS = [("em_capsnet_small", "capsule"), ("cnn_small", "cnn")]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers: parse the HTML back
+# ---------------------------------------------------------------------------------------------
+
+
+class _Page(html.parser.HTMLParser):
+    """Collects <img src> values and the cells of every <table>."""
+
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+        self.tables: list[list[list[str]]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        elif tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def parse_page(path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text())
+    page.close()
+    return page
+
+
+def table_rows(table: list[list[str]]) -> dict[str, dict[str, str]]:
+    """{model: {column: cell}} from a parsed table whose first column is the model."""
+    header, *rows = table
+    return {row[0]: dict(zip(header, row)) for row in rows}
+
+
+def assert_embeds_every_figure(out_dir, page: _Page) -> None:
+    pngs = sorted(out_dir.glob("*.png"))
+    assert pngs, "the report drew no figure"
+    assert len(page.images) == len(pngs)
+    embedded = {src.removeprefix("data:image/png;base64,") for src in page.images}
+    assert all(src.startswith("data:image/png;base64,") for src in page.images)
+    for png in pngs:
+        assert base64.b64encode(png.read_bytes()).decode("ascii") in embedded, png.name
+
+
+# ---------------------------------------------------------------------------------------------
+# a study written by hand, exactly as docs/contracts.md describes it (fast; no training)
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_study(
+    name: str, *, data: str = "synthnorb", view: str = "azimuth", stages=("data", "tune", "train")
+):
+    """Parent run + trial runs + final runs with per-epoch metrics; returns the parent run id."""
+    rng = np.random.default_rng(0)
+    parent = tracking.start_run(
+        name, name, tags={"capsbench.kind": "study", "capsbench.study": name}, system_metrics=False
+    )
+    parent.log_params({"tune.n_trials": 5, "tune.epochs": 2, "run.train.epochs": 3, "run.data.name": data})
+    for model, family in MODELS:
+        tags = {"capsbench.study": name, "capsbench.model": model, "capsbench.family": family}
+        trials = []
+        for t in range(5):
+            run = tracking.start_run(
+                name, f"{model}-trial-{t}", parent_run_id=parent.run_id, system_metrics=False,
+                tags={**tags, "capsbench.kind": "trial", "capsbench.role": "tune", "optuna.trial": t},
+            )  # fmt: skip
+            value = float(rng.uniform(0.1, 0.6))
+            run.log_metrics({"best_val_error": value})
+            run.end("KILLED" if t == 3 else "FINISHED")
+            trials.append(
+                {"number": t, "value": value, "state": "PRUNED" if t == 3 else "COMPLETE",
+                 "params_lr": float(rng.uniform(1e-4, 1e-2)), "params_dropout": float(rng.uniform(0, 0.7))}
+            )  # fmt: skip
+        parent.log_text(pd.DataFrame(trials).to_csv(index=False), f"tune/{model}_trials.csv")
+        if "train" not in stages:
+            continue
+        run = tracking.start_run(
+            name, f"{model}-final", parent_run_id=parent.run_id, system_metrics=False,
+            tags={**tags, "capsbench.kind": "train", "capsbench.role": "final"},
+        )  # fmt: skip
+        run.log_params({"data.name": data, "data.view": view, "model.name": model, "n_params": 70_000})
+        for epoch in (1, 2, 3):
+            run.log_metrics(
+                {"test_familiar_error": 0.5 / epoch, "test_novel_error": 0.7 / epoch, "test_error": 0.6 / epoch,
+                 "val_error": 0.4 / epoch, "samples_per_s": 100.0 + epoch},
+                step=epoch,
+            )  # fmt: skip
+        run.log_metrics({"final_test_error": 0.2 if family == "capsule" else 0.25, "train_seconds": 30.0})
+        if "attack" in stages:
+            metrics = {}
+            for attack in ("fgsm", "bim"):
+                for loss, drop in (("ce", 0.0), ("margin", 0.1)):  # margin is the stronger loss here
+                    for eps in (0, 0.1, 0.2):
+                        metrics[f"attack/{attack}/{loss}/acc_eps_{eps}"] = 0.8 - eps - drop * (eps > 0)
+                        metrics[f"attack/{attack}/{loss}/targeted_success_eps_{eps}"] = eps + drop
+            run.log_metrics(metrics)
+            run.set_tags({"attack.masking_flags": "bim weaker than fgsm" if family == "capsule" else ""})
+        run.end()
+    parent.set_tags({f"capsbench.stage.{s}": "done" for s in stages})
+    parent.end()
+    return parent.run_id
+
+
+def test_fake_study_report_matches_records(store):
+    parent_id = fake_study("fake", stages=("data", "tune", "train", "attack"))
+    path = report.write_report("fake", out_dir=store / "out")
+    page = parse_page(path)
+    assert_embeds_every_figure(store / "out", page)
+    clean = table_rows(page.tables[0])
+    assert clean["em_capsnet_small"]["test error"] == "20.0%"
+    assert clean["cnn_small"]["test error"] == "25.0%"
+    assert clean["cnn_small"]["params"] == "70.0K"
+    assert clean["cnn_small"]["samples/s"] == "102.0"  # median of 101, 102, 103
+    attacked = table_rows(page.tables[1])
+    # worst case over losses: the margin loss (accuracy 0.8 - 0.1 - 0.1 = 0.6 -> error 40%; success 0.2)
+    assert attacked["cnn_small"]["FGSM ε=0.1"] == "40.0% / 20.0%"
+    assert attacked["em_capsnet_small"]["BIM ε=0.2"] == "50.0% / 30.0%"
+    text = (store / "out" / "report.md").read_text()
+    assert "Gradient-masking flag on `em_capsnet_small`: bim weaker than fgsm" in text
+    assert "stage `viewpoint` has not finished" in text
+    assert "synthnorb" in text and "| paper:" not in text  # no paper rows for synthnorb
+    assert "Budget: 5 trials per model" in text
+    logged = tracking.list_artifacts(parent_id, "report")
+    assert "report/report.html" in logged and "report/training_curves.png" in logged
+
+
+def test_paper_reference_rows_only_for_smallnorb(store):
+    fake_study("norb", data="smallnorb", view="azimuth", stages=("data", "tune", "train", "attack"))
+    records = report.collect("norb")
+    table = report.summary_table(records)
+    paper = table[table["model"].str.startswith("paper:")].set_index("family")
+    assert paper.loc["cnn", "novel error (matched)"] == pytest.approx(0.200)
+    assert paper.loc["capsule", "novel error (matched)"] == pytest.approx(0.135)
+    assert paper.loc["capsule", "FGSM error ε=0.1"] == pytest.approx(0.14)
+    assert "FGSM error ε=0.5" not in table  # the study did not attack at 0.5
+
+
+def test_missing_stages_still_report(store):
+    fake_study("partial", stages=("data", "tune"))  # no final runs, no attacks, no matched protocol
+    path = report.write_report("partial", out_dir=store / "out")
+    text = (store / "out" / "report.md").read_text()
+    assert "no final training runs" in text
+    for stage in ("train", "viewpoint", "attack"):
+        assert f"stage `{stage}` has not finished" in text
+    assert "No final runs yet" in text
+    page = parse_page(path)
+    assert_embeds_every_figure(store / "out", page)  # the Optuna figures exist
+    assert (store / "out" / "optuna_history.png").exists()
+    assert not (store / "out" / "accuracy_vs_eps.png").exists()
+
+
+def test_unknown_study_is_a_clear_error(store, capsys):
+    with pytest.raises(report.ReportError, match="no MLflow runs tagged capsbench.study='nope'"):
+        report.collect("nope")
+    assert report.main(["nope", "--no-log"]) == 2
+    assert "make study NAME=nope" in capsys.readouterr().err
+
+
+def test_attack_metrics_worst_case_is_derived_when_absent():
+    metrics = {
+        "attack/fgsm/ce/acc_eps_0.1": 0.7,
+        "attack/fgsm/margin/acc_eps_0.1": 0.5,
+        "attack/fgsm/ce/targeted_success_eps_0.1": 0.2,
+        "attack/fgsm/margin/targeted_success_eps_0.1": 0.3,
+        "final_test_error": 0.1,
+    }
+    table = report.parse_attack_metrics("m", metrics)
+    worst = table[table["loss"] == "worst"].set_index("kind")["value"]
+    assert worst["acc"] == 0.5 and worst["targeted_success"] == 0.3
+    assert len(table) == 6
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        report.main(["--help"])
+    assert e.value.code == 0
+    assert "python -m harness.report demo" in capsys.readouterr().out
+
+
+def test_html_escapes_text():
+    blocks = [("h1", "a <b> & c"), ("p", "`x<y` and **bold**")]
+    out = report.render_html(blocks, image_dir=None)
+    assert "<h1>a &lt;b&gt; &amp; c</h1>" in out
+    assert "<code>x&lt;y</code>" in out and "<strong>bold</strong>" in out
+    assert re.search(r"<title>a &lt;b&gt; &amp; c</title>", out)
