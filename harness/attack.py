@@ -53,6 +53,7 @@ from harness.device import DeviceError, resolve_device  # noqa: E402
 DEFAULT_EPS = (0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 ARTIFACT_DIR = "attack"
 EPS_SHORT = "eps in [0,1] pixel units of the model input"
+LINE_STYLES = {"ce": ":", "margin": "--", WORST: "-"}
 
 __all__ = [
     "AttackReport",
@@ -275,9 +276,18 @@ def plot_report(report: AttackReport, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.6), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         table = curves(report.table, mode)
-        for (attack, loss), values in table.iterrows():
-            style = "-" if loss == WORST else ":"
-            ax.plot(table.columns, values.to_numpy(), style, marker="o", ms=3, label=f"{attack}/{loss}")
+        for (attack, loss), values in table.iterrows():  # colour = attack, line style = loss
+            color = f"C{[a.value for a in AttackName].index(attack)}"
+            style = LINE_STYLES.get(loss, "-.")
+            ax.plot(
+                table.columns,
+                values.to_numpy(),
+                style,
+                color=color,
+                marker="o",
+                ms=3,
+                label=f"{attack}/{loss}",
+            )
         ax.set_xlabel("ε (L∞, [0,1] pixel units of the model input)")
         ax.set_ylabel("accuracy" if mode == "untargeted" else "targeted success rate")
         ax.set_ylim(-0.02, 1.02)
@@ -322,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m harness.attack",
         description="Attack trained capsbench models (FGSM/BIM/PGD, eps sweep, gradient-masking checks) and "
-        f"log the results into their MLflow runs. {EPS_UNITS[0].upper() + EPS_UNITS[1:]}.",
+        f"log the results into their MLflow runs. eps is the {EPS_UNITS}.",
         epilog="Without --fgsm/--bim/--pgd the attacks are --fgsm --bim. Example: python -m harness.attack "
         "--fgsm --bim --targeted --run-id 0123abcd --n-examples 200",
     )
@@ -365,12 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-log", action="store_true", help="do not write into the MLflow run; only print")
     p.add_argument("--out", help="also write results.json / results.csv / accuracy_vs_eps.png in this folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     attacks = [a.value for a in AttackName if getattr(args, a.value)] or ["fgsm", "bim"]
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     which: str | int = int(args.which) if args.which.isdigit() else args.which
     if args.batch_size < 1 or args.steps < 1 or args.check_steps < 1 or args.check_examples < 1:
         print(

@@ -428,6 +428,12 @@ def _last(h: pd.DataFrame, col: str) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def matched_epochs(records: StudyRecords) -> dict[str, int]:
+    """{model: epoch the matched protocol picked} (empty without a recorded protocol)."""
+    models = (records.matched or {}).get("models", {})
+    return {m: int(v["matched_epoch"]) for m, v in models.items() if v.get("matched_epoch") is not None}
+
+
 def heatmap_grids(records: StudyRecords) -> dict[str, dict]:
     """Per model, the azimuth × elevation error grid at the matched epoch (else cells.csv's last epoch)."""
     cells = records.cells
@@ -438,7 +444,8 @@ def heatmap_grids(records: StudyRecords) -> dict[str, dict]:
     elevations = sorted(cells["elevation"].unique())
     azimuths = sorted(cells["azimuth"].unique())
     grids = {}
-    for model, group in cells.groupby("model", sort=False):
+    order = {m.model: i for i, m in enumerate(records.models)}  # capsules first, as in the tables
+    for model, group in sorted(cells.groupby("model"), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         epoch = matched.get(model, {}).get("matched_epoch")
         if epoch is None or epoch not in set(group["epoch"]):
             epoch = group["epoch"].max()
@@ -558,7 +565,7 @@ def notes(records: StudyRecords) -> list[str]:
     flagged = {k: v for k, v in flags.items() if v}
     if flagged:
         out += [
-            f"**Gradient-masking flag on `{k}`: {v}** — treat its robustness numbers as upper bounds."
+            f"**Gradient-masking flags on `{k}`** (treat its robustness numbers as upper bounds): {v}"
             for k, v in flagged.items()
         ]
     elif any(v is not None for v in flags.values()):
@@ -603,8 +610,9 @@ def tuning_notes(records: StudyRecords) -> list[str]:
             else p.get("run.data.limit_train", "0")
         )
         images = "all" if limit == "0" else limit
+        epochs = f"{epochs} epoch" + ("" if epochs == "1" else "s")
         out.append(
-            f"Budget: {p['tune.n_trials']} trials per model (equal for both families), {epochs} epochs "
+            f"Budget: {p['tune.n_trials']} trials per model (equal for both families), {epochs} "
             f"each on {images} training images; seeded TPE (seed {p.get('tune.seed', '?')}), median pruning "
             f"on per-epoch validation error; final models trained {p.get('run.train.epochs', '?')} epochs "
             "with the best parameters."
@@ -636,7 +644,9 @@ def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, 
         (
             "training_curves.png",
             "Training curves: familiar (solid) and novel (dashed) test error per epoch.",
-            lambda: figs.training_curves({m.model: m.history for m in records.models}, fams),
+            lambda: figs.training_curves(
+                {m.model: m.history for m in records.models}, fams, matched_epochs(records)
+            ),
         ),
         (
             "accuracy_vs_eps.png",
@@ -665,6 +675,8 @@ def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, 
         ),
     ]
     made, skipped = [], list(imp_notes)
+    if imp_notes and not imp:
+        plan = [p for p in plan if p[0] != "optuna_importances.png"]  # the notes already say why
     for filename, caption, draw in plan:
         try:
             fig = draw()
@@ -813,7 +825,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m harness.report",
         description="Render a study's comparison report (capsules vs CNNs) from its MLflow records. "
         "Reads $MLFLOW_TRACKING_URI (default: the project's mlflow.db).",
-        epilog="example: python -m harness.report demo   # -> reports/demo/report.html",
+        epilog="examples:\n"
+        "  python -m harness.report demo                   # -> reports/demo/report.html\n"
+        "  MLFLOW_TRACKING_URI=http://host:5000 python -m harness.report smallnorb_azimuth --out /tmp/r",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "name", help="study name (the capsbench.study tag of its runs), e.g. demo or smallnorb_azimuth"

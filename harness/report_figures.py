@@ -37,11 +37,14 @@ def model_colors(models: list[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
-def training_curves(histories: dict[str, pd.DataFrame], families: dict[str, str]) -> plt.Figure | None:
+def training_curves(
+    histories: dict[str, pd.DataFrame], families: dict[str, str], matched: dict[str, int] | None = None
+) -> plt.Figure | None:
     """Error per epoch: familiar (solid) and novel (dashed) test error of every model on one plot.
 
-    ``histories[label]`` is indexed by epoch with metric columns. Without a view split the
-    curves are test error (solid) and validation error (dotted).
+    ``histories[label]`` is indexed by epoch with metric columns. Without a view split the curves are
+    test error (solid) and validation error (dotted). ``matched[label]`` is the epoch the matched
+    protocol picked, starred on both curves.
     """
     curves = {k: h for k, h in histories.items() if h is not None and not h.empty}
     if not curves:
@@ -54,16 +57,23 @@ def training_curves(histories: dict[str, pd.DataFrame], families: dict[str, str]
         if has_view
         else [("test_error", "-", "test"), ("val_error", ":", "val")]
     )
+    starred = False
     for label, h in curves.items():
         for column, style, what in styles:
             if column in h and h[column].notna().any():
-                s = h[column].dropna()
-                ax.plot(
-                    s.index, 100 * s.values, style, color=colors[label], marker=".", label=f"{label} {what}"
-                )
+                s = 100 * h[column].dropna()
+                ax.plot(s.index, s.values, style, color=colors[label], marker=".", label=f"{label} {what}")
+                epoch = (matched or {}).get(label)
+                if epoch in s.index:
+                    ax.plot(
+                        [epoch], [s[epoch]], "*", color=colors[label], markersize=13, mec="black", mew=0.6
+                    )
+                    starred = True
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("error (%)")
-    ax.set_title("Familiar vs novel viewpoints" if has_view else "Test and validation error")
+    title = "Familiar vs novel viewpoints" if has_view else "Test and validation error"
+    ax.set_title(title + (" (★ = matched checkpoint)" if starred else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -117,8 +117,16 @@ class Study:
     def state(self) -> dict[str, Any]:
         if self.state_file.is_file():
             return json.loads(self.state_file.read_text())
-        return {"name": self.cfg.name, "experiment": self.cfg.experiment, "parent_run_id": None,
-                "stages": {}, "best_params": {}, "final_runs": {}, "final_history": {}, "attacked": []}
+        return {
+            "name": self.cfg.name,
+            "experiment": self.cfg.experiment,
+            "parent_run_id": None,
+            "stages": {},
+            "best_params": {},
+            "final_runs": {},
+            "final_history": {},
+            "attacked": [],
+        }
 
     def update_state(self, **changes: Any) -> dict[str, Any]:
         state = self.state()
@@ -138,8 +146,9 @@ class Study:
             f.write(f"{stamp} {message}\n")
 
 
-def open_study(cfg: StudyConfig, root: Path, *, storage: str | None, workers: int, fresh: bool,
-               fit: str = FIT) -> Study:
+def open_study(
+    cfg: StudyConfig, root: Path, *, storage: str | None, workers: int, fresh: bool, fit: str = FIT
+) -> Study:
     """Create or reopen the study folder; a rerun must not change settings that finished work used."""
     folder = Path(root) / cfg.name
     if fresh and folder.exists():
@@ -154,7 +163,8 @@ def open_study(cfg: StudyConfig, root: Path, *, storage: str | None, workers: in
             k = changed[0]
             raise StudyError(
                 f"study {cfg.name!r} in {folder} was started with {k}={old.get(k)!r}, now {new.get(k)!r} "
-                f"({len(changed)} setting(s) differ); rerun with the original settings, or pass --fresh to start over"
+                f"({len(changed)} setting(s) differ); rerun with the original settings, "
+                "or pass --fresh to start over"
             )
     saved.write_text(dumps_toml(to_toml_dict(cfg)))
     return Study(cfg, folder, storage, workers, fit)
@@ -176,8 +186,12 @@ def open_parent_run(study: Study):
         except tracking.TrackingError:
             study.log(f"parent run {run_id} is gone from {tracking.tracking_uri()}; starting a new one")
     cfg = study.cfg
-    tags = {"capsbench.kind": "study", "capsbench.study": cfg.name, **tracking.git_info(),
-            "versions": json.dumps(tracking.versions(), sort_keys=True)}
+    tags = {
+        "capsbench.kind": "study",
+        "capsbench.study": cfg.name,
+        **tracking.git_info(),
+        "versions": json.dumps(tracking.versions(), sort_keys=True),
+    }
     if cfg.description:
         tags["mlflow.note.content"] = cfg.description
     run = tracking.start_run(cfg.experiment, cfg.name, tags=tags, system_metrics=False)
@@ -192,7 +206,9 @@ def find_runs(experiment: str, tags: dict[str, str], statuses: tuple[str, ...] =
     from harness import tracking
 
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = tracking.client().search_runs([tracking.experiment_id(experiment)], query, order_by=["start_time DESC"])
+    runs = tracking.client().search_runs(
+        [tracking.experiment_id(experiment)], query, order_by=["start_time DESC"]
+    )
     return [r for r in runs if not statuses or r.info.status in statuses]
 
 
@@ -210,7 +226,9 @@ def end_run(run_id: str, status: str) -> None:
 def optuna_storage(study: Study):
     if study.storage_url:
         return optuna.storages.RDBStorage(
-            study.storage_url, heartbeat_interval=60, grace_period=300,
+            study.storage_url,
+            heartbeat_interval=60,
+            grace_period=300,
             failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
         )
     from optuna.storages.journal import JournalFileBackend
@@ -222,15 +240,21 @@ def sampler_and_pruner(cfg: StudyConfig, worker: int):
     """Samplers and pruners are not stored by Optuna: every worker builds its own (seed + worker index)."""
     t = cfg.tune
     sampler = optuna.samplers.TPESampler(seed=t.seed + worker, n_startup_trials=t.n_startup_trials)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=t.n_startup_trials, n_warmup_steps=t.n_warmup_epochs)
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=t.n_startup_trials, n_warmup_steps=t.n_warmup_epochs
+    )
     return sampler, pruner
 
 
 def load_optuna(study: Study, model: str, worker: int = 0) -> optuna.Study:
     sampler, pruner = sampler_and_pruner(study.cfg, worker)
     return optuna.create_study(
-        study_name=f"{study.cfg.name}.{model}", storage=optuna_storage(study), sampler=sampler,
-        pruner=pruner, direction="minimize", load_if_exists=True,
+        study_name=f"{study.cfg.name}.{model}",
+        storage=optuna_storage(study),
+        sampler=sampler,
+        pruner=pruner,
+        direction="minimize",
+        load_if_exists=True,
     )
 
 
@@ -279,13 +303,35 @@ def budget_used(ostudy: optuna.Study, below: int | None = None) -> int:
     return sum(1 for t in trials if below is None or t.number < below)
 
 
-def tune_worker(folder: str, model: str, worker: int, storage_url: str | None, workers: int, fit: str,
-                parent_run_id: str, on_trial: Callable[[], None] | None = None) -> None:
-    """One worker: run trials of ``model``'s Optuna study until the budget is used (any process may call)."""
+def tune_worker(
+    folder: str,
+    models: list[str],
+    worker: int,
+    storage_url: str | None,
+    workers: int,
+    fit: str,
+    parent_run_id: str,
+    on_trial: Callable[[], None] | None = None,
+) -> None:
+    """One worker (any process, any machine): trials of each model in turn until its budget is used."""
     cfg = study_from_dict(load_toml(Path(folder) / "study.toml"))
     study = Study(cfg, Path(folder), storage_url, workers, fit)
-    family = model_family(model)
     fit_fn = resolve(fit)
+    for model in models:
+        run_trials(study, model, worker, fit_fn, parent_run_id, on_trial)
+
+
+def run_trials(
+    study: Study,
+    model: str,
+    worker: int,
+    fit_fn: Callable,
+    parent_run_id: str,
+    on_trial: Callable[[], None] | None = None,
+) -> None:
+    """Ask, run and tell trials of ``model`` until complete + pruned + running trials reach the budget."""
+    cfg = study.cfg
+    family = model_family(model)
     ostudy = load_optuna(study, model, worker)
     n_trials, failures = cfg.tune.n_trials, 0
     mine: dict[str, Any] = {}  # what this worker's last trial did
@@ -299,9 +345,15 @@ def tune_worker(folder: str, model: str, worker: int, storage_url: str | None, w
         trial.set_user_attr("worker", worker_id())
         params = suggest(trial, family, cfg)
         run_cfg = trial_run_config(study, model, params)
-        tags = {"capsbench.kind": "trial", "capsbench.role": "tune", "capsbench.study": cfg.name,
-                "capsbench.model": model, "capsbench.family": family, "optuna.study": ostudy.study_name,
-                "optuna.trial": str(trial.number)}
+        tags = {
+            "capsbench.kind": "trial",
+            "capsbench.role": "tune",
+            "capsbench.study": cfg.name,
+            "capsbench.model": model,
+            "capsbench.family": family,
+            "optuna.study": ostudy.study_name,
+            "optuna.trial": str(trial.number),
+        }
 
         def on_epoch(epoch: int, metrics: dict) -> bool:
             value = metrics.get("val_error")
@@ -326,7 +378,9 @@ def tune_worker(folder: str, model: str, worker: int, storage_url: str | None, w
 
     while budget_used(ostudy) < n_trials:
         mine.clear()
-        ostudy.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False, show_progress_bar=False)
+        ostudy.optimize(
+            objective, n_trials=1, catch=(Exception,), gc_after_trial=False, show_progress_bar=False
+        )
         if mine.get("surplus"):
             break  # other workers used up the budget meanwhile
         if "number" in mine and ostudy.get_trials(deepcopy=False)[mine["number"]].state.name == "FAIL":
@@ -335,7 +389,8 @@ def tune_worker(folder: str, model: str, worker: int, storage_url: str | None, w
             on_trial()
         if failures > cfg.tune.max_failed:
             raise StudyError(
-                f"{failures} trials of {model} failed in this worker (tune.max_failed={cfg.tune.max_failed}); "
+                f"{failures} trials of {model} failed in this worker "
+                f"(tune.max_failed={cfg.tune.max_failed}); "
                 f"the last: {mine.get('error', 'see the trial run in mlflow ui')}"
             )
 
@@ -354,9 +409,15 @@ def fail_stale_trials(study: Study, ostudy: optuna.Study) -> list[int]:
             continue  # another machine's worker: RDB storage's heartbeat handles those
         ostudy.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         stale.append(t.number)
-        for r in find_runs(study.cfg.experiment, {"capsbench.study": study.cfg.name,
-                                                  "optuna.study": ostudy.study_name,
-                                                  "optuna.trial": str(t.number)}, ("RUNNING",)):
+        for r in find_runs(
+            study.cfg.experiment,
+            {
+                "capsbench.study": study.cfg.name,
+                "optuna.study": ostudy.study_name,
+                "optuna.trial": str(t.number),
+            },
+            ("RUNNING",),
+        ):
             end_run(r.info.run_id, "FAILED")
         if t.params and budget_used(ostudy) + _waiting(ostudy) < study.cfg.tune.n_trials:
             ostudy.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
@@ -376,36 +437,40 @@ def trial_counts(ostudy: optuna.Study) -> dict[str, int]:
     return counts
 
 
-def tune_model(study: Study, model: str, parent) -> dict[str, Any]:
-    """Run ``model``'s trials (N workers), then record the best parameters in the parent run."""
-    cfg = study.cfg
-    ostudy = load_optuna(study, model)
-    stale = fail_stale_trials(study, ostudy)
-    if stale:
-        study.log(f"{model}: trials {stale} were left RUNNING by a dead worker; failed and queued for retry")
-    n = cfg.tune.n_trials
-    bar = tqdm(total=n, desc=f"tune {model}", unit="trial", dynamic_ncols=True)
+def run_workers(study: Study, models: list[str], parent) -> None:
+    """Tune ``models`` with ``study.workers`` processes (inline for one), showing one progress bar."""
+    n = study.cfg.tune.n_trials
+    ostudies = {m: load_optuna(study, m) for m in models}
+    bar = tqdm(total=n * len(models), desc="tune", unit="trial", dynamic_ncols=True)
 
     def refresh() -> None:
-        c = trial_counts(ostudy)
-        bar.n = c["complete"] + c["pruned"]
-        bar.set_postfix(complete=c["complete"], pruned=c["pruned"], running=c["running"], failed=c["fail"])
+        counts = {m: trial_counts(o) for m, o in ostudies.items()}
+        bar.n = sum(c["complete"] + c["pruned"] for c in counts.values())
+        running = [
+            f"{m}#{t.number}"
+            for m, o in ostudies.items()
+            for t in o.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        ]
+        done = ", ".join(f"{m} {c['complete'] + c['pruned']}/{n}" for m, c in counts.items())
+        bar.set_postfix_str(f"{done}; running {', '.join(running) or '-'}")
         bar.refresh()
 
     refresh()
-    args = (str(study.folder), model, 0, study.storage_url, study.workers, study.fit, parent.run_id)
-    if study.workers <= 1:
-        tune_worker(*args, on_trial=refresh)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        procs = [ctx.Process(target=tune_worker, args=(*args[:2], k, *args[3:]), daemon=False)
-                 for k in range(study.workers)]
+    args = (str(study.folder), models, 0, study.storage_url, study.workers, study.fit, parent.run_id)
+    try:
+        if study.workers <= 1:
+            tune_worker(*args, on_trial=refresh)
+            return
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/MLflow state
+        procs = [
+            ctx.Process(target=tune_worker, args=(*args[:2], k, *args[3:])) for k in range(study.workers)
+        ]
         for p in procs:
             p.start()
         try:
             while any(p.is_alive() for p in procs):
                 refresh()
-                time.sleep(2)
+                time.sleep(1)
         finally:
             for p in procs:
                 if p.is_alive():
@@ -413,24 +478,38 @@ def tune_model(study: Study, model: str, parent) -> dict[str, Any]:
                 p.join()
         bad = [p.exitcode for p in procs if p.exitcode]
         if bad:
-            raise StudyError(f"{len(bad)} tune worker(s) of {model} exited with {bad}; see the log above, "
-                             "then rerun the same command to resume")
-    refresh()
-    bar.close()
+            raise StudyError(
+                f"{len(bad)} tune worker(s) exited with {bad}; see the log above, "
+                "then rerun the same command to resume"
+            )
+    finally:
+        refresh()
+        bar.close()
+
+
+def record_best(study: Study, model: str, parent) -> dict[str, Any]:
+    """Check ``model``'s finished budget and log its best trial and trials table into the parent run."""
+    n = study.cfg.tune.n_trials
+    ostudy = load_optuna(study, model)
     c = trial_counts(ostudy)
     if c["complete"] + c["pruned"] < n:
-        raise StudyError(f"{model}: only {c['complete'] + c['pruned']} of {n} trials finished; rerun to resume")
+        raise StudyError(
+            f"{model}: only {c['complete'] + c['pruned']} of {n} trials finished; rerun to resume"
+        )
     if not c["complete"]:
         raise StudyError(f"{model}: no trial completed (all pruned); raise tune.n_startup_trials")
     best = ostudy.best_trial
-    family = model_family(model)
-    best_keys = params_to_keys(family, best.params)
-    parent.log_metrics({f"tune/{model}/best_val_error": best.value, f"tune/{model}/n_complete": c["complete"],
-                        f"tune/{model}/n_pruned": c["pruned"], f"tune/{model}/n_failed": c["fail"]})
-    trials = ostudy.trials_dataframe()
-    parent.log_text(trials.to_csv(index=False), f"tune/{model}_trials.csv")
-    study.log(f"{model}: best trial {best.number}, val error {best.value:.4f}, params {best.params}")
-    return best_keys
+    parent.log_metrics(
+        {
+            f"tune/{model}/best_val_error": best.value,
+            f"tune/{model}/n_complete": c["complete"],
+            f"tune/{model}/n_pruned": c["pruned"],
+            f"tune/{model}/n_failed": c["fail"],
+        }
+    )
+    parent.log_text(ostudy.trials_dataframe().to_csv(index=False), f"tune/{model}_trials.csv")
+    study.log(f"tune: {model} best trial {best.number}, val error {best.value:.4f}, params {best.params}")
+    return params_to_keys(model_family(model), best.params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,36 +538,54 @@ def stage_data(study: Study, parent) -> None:
             made = (synthnorb.read_manifest(root) or {}).get("options", {})
             want = {k: v for k, v in vars(cfg.synthnorb).items() if k in made and made[k] != v}
             if want:
-                study.log(f"data: note: {root} was rendered with {made}, the study asks for {want}; "
-                          "delete the folder to re-render")
+                study.log(
+                    f"data: note: {root} was rendered with {made}, the study asks for {want}; "
+                    "delete the folder to re-render"
+                )
         return
     except data.DataError as e:
         missing = e
     if cfg.run.data.name != "synthnorb":
         if cfg.run.data.name == "smallnorb":
-            raise StudyError(f"smallNORB is not in {root}: run `python -m harness.data download smallnorb` "
-                             f"(or set CAPSBENCH_DATA), then rerun ({missing})")
+            raise StudyError(
+                f"smallNORB is not in {root}: run `python -m harness.data download smallnorb` "
+                f"(or set CAPSBENCH_DATA), then rerun ({missing})"
+            )
         raise StudyError(f"dataset {cfg.run.data.name} is not usable: {missing}")
     from harness.data import synthnorb
 
     s = cfg.synthnorb
-    study.log(f"data: rendering synthnorb into {root} ({s.image_size}px, {s.lightings} lightings, "
-              f"{s.elevations} elevations, {s.instances} instances)")
-    synthnorb.synthesize(root, image_size=s.image_size, lightings=s.lightings, elevations=s.elevations,
-                         instances=s.instances)
+    study.log(
+        f"data: rendering synthnorb into {root} ({s.image_size}px, {s.lightings} lightings, "
+        f"{s.elevations} elevations, {s.instances} instances)"
+    )
+    synthnorb.synthesize(
+        root, image_size=s.image_size, lightings=s.lightings, elevations=s.elevations, instances=s.instances
+    )
     data.get_dataset(cfg.run.data.name, "test", root=root, channels=cfg.run.data.channels)
 
 
 def stage_tune(study: Study, parent) -> None:
     cfg = study.cfg
     best = dict(study.state()["best_params"])
+    pending = [m for m in cfg.models if m not in best]
     if cfg.tune.n_trials == 0:
         study.log("tune: tune.n_trials = 0, training every model with the [run] settings as they are")
-    for model in cfg.models:
-        if model in best:
-            continue
-        best[model] = tune_model(study, model, parent) if cfg.tune.n_trials else {}
+        best.update({m: {} for m in pending})
+        pending = []
+    for model in pending:
+        stale = fail_stale_trials(study, load_optuna(study, model))
+        if stale:
+            study.log(
+                f"tune: {model} trials {stale} were left RUNNING by a dead worker; failed, queued for retry"
+            )
+    if pending:
+        study.log(f"tune: {', '.join(pending)}: {cfg.tune.n_trials} trials each, {study.workers} worker(s)")
+        run_workers(study, pending, parent)
+    for model in pending:
+        best[model] = record_best(study, model, parent)
         study.update_state(best_params=best)
+    study.update_state(best_params=best)
     parent.log_json(best, "tune/best_params.json")
 
 
@@ -510,11 +607,17 @@ def stage_train(study: Study, parent) -> None:
         state = study.state()
         if model in state["final_runs"]:
             continue
-        tags = {"capsbench.kind": "train", "capsbench.role": "final", "capsbench.study": cfg.name,
-                "capsbench.model": model, "capsbench.family": model_family(model)}
+        tags = {
+            "capsbench.kind": "train",
+            "capsbench.role": "final",
+            "capsbench.study": cfg.name,
+            "capsbench.model": model,
+            "capsbench.family": model_family(model),
+        }
         # a final run of this parent that did not get recorded (killed mid-run, or just after it ended)
-        earlier = find_runs(cfg.experiment, {k: tags[k] for k in ("capsbench.study", "capsbench.role",
-                                                                    "capsbench.model")})
+        earlier = find_runs(
+            cfg.experiment, {k: tags[k] for k in ("capsbench.study", "capsbench.role", "capsbench.model")}
+        )
         earlier = [r for r in earlier if r.data.tags.get("mlflow.parentRunId") == parent.run_id]
         resume = earlier[0].info.run_id if earlier else None
         if resume:
@@ -523,11 +626,14 @@ def stage_train(study: Study, parent) -> None:
             except tracking.TrackingError:
                 resume = None  # died before its first epoch: start over
         study.log(f"train: {model}" + (f" (resuming run {resume})" if resume else ""))
-        result = fit_fn(final_run_config(study, model), parent_run_id=parent.run_id, tags=tags,
-                        resume_run_id=resume)
+        result = fit_fn(
+            final_run_config(study, model), parent_run_id=parent.run_id, tags=tags, resume_run_id=resume
+        )
         parent.set_tags({f"capsbench.final.{model}": result.run_id})
-        study.update_state(final_runs={**state["final_runs"], model: result.run_id},
-                           final_history={**state["final_history"], model: result.history})
+        study.update_state(
+            final_runs={**state["final_runs"], model: result.run_id},
+            final_history={**state["final_history"], model: result.history},
+        )
 
 
 def stage_viewpoint(study: Study, parent) -> None:
@@ -541,12 +647,23 @@ def stage_viewpoint(study: Study, parent) -> None:
         return
     state = study.state()
     families = {m: model_family(m) for m in cfg.models}
-    result = vp.match_checkpoints(state["final_history"], families=families, view=cfg.run.data.view,
-                                  reference=cfg.viewpoint.reference, run_ids=state["final_runs"])
+    result = vp.match_checkpoints(
+        state["final_history"],
+        families=families,
+        view=cfg.run.data.view,
+        reference=cfg.viewpoint.reference,
+        run_ids=state["final_runs"],
+    )
     table = vp.format_matched(result)
     study.log("viewpoint:\n" + table)
-    test = data.get_dataset(cfg.run.data.name, "test", view=cfg.run.data.view, subset="all",
-                            channels=cfg.run.data.channels, root=data_root(cfg))
+    test = data.get_dataset(
+        cfg.run.data.name,
+        "test",
+        view=cfg.run.data.view,
+        subset="all",
+        channels=cfg.run.data.channels,
+        root=data_root(cfg),
+    )
     index = vp.sample_indices(len(test), cfg.viewpoint.limit_test, cfg.viewpoint.seed)
     if len(index) < len(test):
         import torch
@@ -561,8 +678,9 @@ def stage_viewpoint(study: Study, parent) -> None:
         cells.insert(0, "model", m.model)
         frames.append(cells)
         grid = cells.pivot(index="elevation", columns="azimuth", values="error")
-        png = plot_viewpoint_heatmap(grid, out / f"heatmap_{m.model}.png",
-                                     f"{m.model}, matched epoch {m.matched_epoch}")
+        png = plot_viewpoint_heatmap(
+            grid, out / f"heatmap_{m.model}.png", f"{m.model}, matched epoch {m.matched_epoch}"
+        )
         parent.log_file(png, "viewpoint")
     import pandas as pd
 
@@ -583,9 +701,20 @@ def stage_attack(study: Study, parent) -> None:
         if model in study.state()["attacked"]:
             continue
         study.log(f"attack: {model} ({', '.join(a.attacks)} at eps {a.eps}, {a.n_examples} images)")
-        report = attack_run(run_id, attacks=a.attacks, eps=a.eps, losses=a.losses, targeted=a.targeted,
-                            steps=a.steps, n_examples=a.n_examples, device=a.device, seed=a.seed,
-                            checks=a.checks, check_examples=a.check_examples, check_steps=a.check_steps)
+        report = attack_run(
+            run_id,
+            attacks=a.attacks,
+            eps=a.eps,
+            losses=a.losses,
+            targeted=a.targeted,
+            steps=a.steps,
+            n_examples=a.n_examples,
+            device=a.device,
+            seed=a.seed,
+            checks=a.checks,
+            check_examples=a.check_examples,
+            check_steps=a.check_steps,
+        )
         if getattr(report, "flags", None):
             study.log(f"attack: {model} gradient-masking flags: {report.flags}")
         study.update_state(attacked=[*study.state()["attacked"], model])
@@ -598,31 +727,52 @@ def stage_report(study: Study, parent) -> None:
     study.log(f"report: {path}")
 
 
-STAGE_FUNCS = {"data": stage_data, "tune": stage_tune, "train": stage_train, "viewpoint": stage_viewpoint,
-               "attack": stage_attack, "report": stage_report}
+STAGE_FUNCS = {
+    "data": stage_data,
+    "tune": stage_tune,
+    "train": stage_train,
+    "viewpoint": stage_viewpoint,
+    "attack": stage_attack,
+    "report": stage_report,
+}
 
 
-def run_study(cfg: StudyConfig, *, root: Path = DEFAULT_ROOT, storage: str | None = None, workers: int = 1,
-              fresh: bool = False, fit: str = FIT) -> Study:
+def run_study(
+    cfg: StudyConfig,
+    *,
+    root: Path = DEFAULT_ROOT,
+    storage: str | None = None,
+    workers: int = 1,
+    fresh: bool = False,
+    fit: str = FIT,
+) -> Study:
     """Run every stage in ``cfg.stages`` that is not done yet; the parent run ends FINISHED when all are."""
     study = open_study(cfg, root, storage=storage, workers=workers, fresh=fresh, fit=fit)
     parent = open_parent_run(study)
     status = "FAILED"
     try:
         todo = [s for s in cfg.stages if not study.done(s)]
-        study.log(f"parent run {parent.run_id}; stages done: "
-                  f"{', '.join(s for s in cfg.stages if s not in todo) or 'none'}; to do: {', '.join(todo) or 'none'}")
+        study.log(
+            f"parent run {parent.run_id}; stages done: "
+            f"{', '.join(s for s in cfg.stages if s not in todo) or 'none'}; "
+            f"to do: {', '.join(todo) or 'none'}"
+        )
         for i, stage in enumerate(cfg.stages, 1):
             if study.done(stage):
                 continue
             left = [s for s in cfg.stages[i:] if not study.done(s)]
-            study.log(f"stage {i}/{len(cfg.stages)}: {stage}" + (f" (then {', '.join(left)})" if left else ""))
+            study.log(
+                f"stage {i}/{len(cfg.stages)}: {stage}" + (f" (then {', '.join(left)})" if left else "")
+            )
             t0 = time.perf_counter()
             STAGE_FUNCS[stage](study, parent)
             seconds = time.perf_counter() - t0
             stages = study.state()["stages"]
-            stages[stage] = {"done": True, "seconds": round(seconds, 1),
-                             "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
+            stages[stage] = {
+                "done": True,
+                "seconds": round(seconds, 1),
+                "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
             study.update_state(stages=stages)
             parent.set_tags({f"capsbench.stage.{stage}": "done"})
             parent.log_metrics({f"stage/{stage}_seconds": seconds})
@@ -655,14 +805,18 @@ def status_text(cfg: StudyConfig, root: Path = DEFAULT_ROOT, storage: str | None
         lines.append(f"  {stage:<10} " + (f"done ({s['seconds']}s)" if s else "to do"))
     for model in cfg.models:
         try:
-            c = trial_counts(optuna.load_study(study_name=f"{cfg.name}.{model}", storage=optuna_storage(study)))
+            c = trial_counts(
+                optuna.load_study(study_name=f"{cfg.name}.{model}", storage=optuna_storage(study))
+            )
         except KeyError:  # not created yet
             c = {}
         tuned = "tuned" if model in state["best_params"] else "tuning"
         run = state["final_runs"].get(model, "-")
-        lines.append(f"  {model}: {tuned} {c.get('complete', 0)} complete, {c.get('pruned', 0)} pruned, "
-                     f"{c.get('running', 0)} running, {c.get('fail', 0)} failed of {cfg.tune.n_trials}; "
-                     f"final run {run}")
+        lines.append(
+            f"  {model}: {tuned} {c.get('complete', 0)} complete, {c.get('pruned', 0)} pruned, "
+            f"{c.get('running', 0)} running, {c.get('fail', 0)} failed of {cfg.tune.n_trials}; "
+            f"final run {run}"
+        )
     matched = folder / "viewpoint" / "matched.md"
     if matched.is_file():
         lines += ["", matched.read_text().rstrip()]
@@ -687,8 +841,10 @@ def single_runner(folder: Path):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StudyError(f"study {folder.name} is already running here ({folder}/study.lock); "
-                             "wait for it, or use --storage to add workers from another machine") from None
+            raise StudyError(
+                f"study {folder.name} is already running here ({folder}/study.lock); "
+                "wait for it, or use --storage to add workers from another machine"
+            ) from None
         yield
 
 
@@ -700,11 +856,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("name", nargs="?", help="study name (studies/NAME.toml) or path to a study file")
-    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                   help="override a study setting, e.g. --set tune.n_trials=4 --set run.train.epochs=3; repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override a study setting, e.g. --set tune.n_trials=4 --set run.train.epochs=3; repeatable",
+    )
     p.add_argument("--workers", type=int, default=1, help="local worker processes per model's Optuna study")
-    p.add_argument("--storage", metavar="URL", help="Optuna RDB URL (e.g. postgresql://...) shared by machines; "
-                   "default: a journal file in the study folder")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna RDB URL (e.g. postgresql://...) shared by machines; "
+        "default: a journal file in the study folder",
+    )
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where study folders live")
     p.add_argument("--fresh", action="store_true", help="delete the study folder and start over")
     p.add_argument("--status", action="store_true", help="print what is done and what is left, then exit")
@@ -737,7 +903,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         t0 = time.perf_counter()
         with single_runner(args.root / cfg.name):
-            study = run_study(cfg, root=args.root, storage=args.storage, workers=args.workers, fresh=args.fresh)
+            study = run_study(
+                cfg, root=args.root, storage=args.storage, workers=args.workers, fresh=args.fresh
+            )
         print(status_text(cfg, args.root, args.storage))
         print(f"study {cfg.name} finished in {time.perf_counter() - t0:.0f}s (folder {study.folder})")
     except (ConfigError, StudyError, DataError, TrackingError, TrainingError) as e:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,7 +188,7 @@ def run_config(cfg: StudyConfig, model: str, params: dict[str, Any] | None = Non
 
 @functools.cache
 def model_family(model: str) -> str:
-    """"capsule" or "cnn", from the registered class (builds a tiny instance once)."""
+    """ "capsule" or "cnn", from the registered class (builds a tiny instance once)."""
     from models import create_model
 
     family = getattr(create_model(model), "family", None)
@@ -240,7 +239,9 @@ def validate(cfg: StudyConfig) -> None:
     if cfg.viewpoint.reference not in ("final", "best"):
         raise ConfigError(f"viewpoint.reference: expected final or best, got {cfg.viewpoint.reference!r}")
     for m in cfg.models:
-        _check_model_args(m, run_config(cfg, m).model.args)  # per-model tables must fit RunConfig and the model
+        _check_model_args(
+            m, run_config(cfg, m).model.args
+        )  # per-model tables must fit RunConfig and the model
     t = cfg.tune
     for key in ("n_trials", "epochs", "limit_train", "n_startup_trials", "n_warmup_epochs", "max_failed"):
         if getattr(t, key) < 0:
@@ -262,7 +263,9 @@ def validate(cfg: StudyConfig) -> None:
                 raise ConfigError(f"{where}: a log-scale range must be > 0, got {value}")
     lo, hi = t.capsule.margin_start, t.capsule.margin_end
     if lo[1] >= hi[0]:
-        raise ConfigError(f"tune.capsule: margin_start {lo} must lie below margin_end {hi}; separate the ranges")
+        raise ConfigError(
+            f"tune.capsule: margin_start {lo} must lie below margin_end {hi}; separate the ranges"
+        )
     if cfg.attack.n_examples < 1 or cfg.attack.steps < 1:
         raise ConfigError("attack.n_examples and attack.steps must be >= 1")
 

@@ -150,18 +150,11 @@ def fit(
             if cfg.train.save_every and epoch % cfg.train.save_every == 0:
                 run.save_torch(checkpoint.model_record(model, epoch), tracking.checkpoint_file(epoch))
             run.log_metrics(metrics, step=epoch)
+            resume = dict(
+                epoch=epoch, config=to_dict(cfg), history=history, best=best, train_seconds=train_seconds
+            )
             run.save_torch(
-                checkpoint.resume_state(
-                    model,
-                    optimizer,
-                    scheduler,
-                    epoch=epoch,
-                    config=to_dict(cfg),
-                    history=history,
-                    best=best,
-                    train_seconds=train_seconds,
-                ),
-                tracking.RESUME_FILE,
+                checkpoint.resume_state(model, optimizer, scheduler, **resume), tracking.RESUME_FILE
             )
             print(_epoch_line(run.run_id, epoch, cfg.train.epochs, metrics), flush=True)
             if epoch_callback is not None and epoch_callback(epoch, dict(metrics)):

@@ -209,7 +209,9 @@ def sample_indices(n: int, limit: int, seed: int = 0):
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def checkpoint_cells(run_id: str, epoch: int, dataset, *, device: str = "cpu", batch_size: int = 128) -> pd.DataFrame:
+def checkpoint_cells(
+    run_id: str, epoch: int, dataset, *, device: str = "cpu", batch_size: int = 128
+) -> pd.DataFrame:
     """Error per (azimuth, elevation) cell of a run's checkpoint at ``epoch`` on ``dataset``.
 
     Columns: epoch, elevation, azimuth, n, errors, error (raw NORB codes, as in ``dataset.meta``).

@@ -327,3 +327,75 @@ def test_cli_help_names_the_units(capsys):
         attack_cli.main(["--help"])
     out = capsys.readouterr().out
     assert "[0,1] pixel units" in out and "--study" in out and "--targeted" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: a run trained by the common runner, in a temporary MLflow store
+# ---------------------------------------------------------------------------------------------
+
+STUDY = "attack_e2e"
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory, one_thread):
+    """A cnn_small run on a tiny synthnorb (one elevation, one lighting), tagged as a study's final model."""
+    from harness import train
+    from harness.config import RunConfig, apply_overrides
+    from harness.data import synthnorb
+
+    root = tmp_path_factory.mktemp("synthnorb")
+    synthnorb.synthesize(root, image_size=48, lightings=1, elevations=1, progress=False)
+    store = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+        cfg = apply_overrides(RunConfig(), [
+            "experiment=attack", "model.name=cnn_small", "data.name=synthnorb", f"data.root={root}",
+            "train.epochs=3", "train.system_metrics=false", "data.batch_size=32",
+        ])  # fmt: skip
+        result = train.fit(cfg, tags={"capsbench.study": STUDY, "capsbench.role": "final"})
+        yield result.run_id
+
+
+def test_cli_end_to_end_logs_into_the_run(tracked_run, capsys):
+    import mlflow
+
+    from harness import tracking
+
+    args = f"--fgsm --bim --targeted --run-id {tracked_run} --eps 0,0.05,0.1 --n-examples 40 --steps 3"
+    args = [*args.split(), "--check-examples", "20", "--check-steps", "10", "--quiet"]
+    assert attack_cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "cnn_small" in out and "[0,1] pixel units of the model input" in out and "eps=0.1" in out
+    assert "targeted success" in out and ("no flags" in out or "GRADIENT-MASKING FLAGS" in out)
+
+    run = mlflow.get_run(tracked_run)
+    m, tags = run.data.metrics, run.data.tags
+    model, cfg = tracking.load_model(tracked_run)
+    x, y, _ = attack_cli.load_examples(cfg, 40, seed=0)
+    with torch.no_grad():
+        clean = float((model(x).argmax(1) == y).float().mean())
+    assert m["attack/clean_accuracy"] == pytest.approx(clean) and clean > 0.3  # chance is 0.2
+    for attack in ("fgsm", "bim"):
+        for loss in ("ce", "margin", "worst"):
+            assert m[f"attack/{attack}/{loss}/acc_eps_0"] == pytest.approx(clean)
+            assert m[f"attack/{attack}/{loss}/acc_eps_0.1"] <= m[f"attack/{attack}/{loss}/acc_eps_0"]
+            assert f"attack/{attack}/{loss}/targeted_success_eps_0.05" in m
+    assert "attack.masking_flags" in tags and "pixel units" in tags["attack.eps_units"]
+    assert json.loads(tags["attack.settings"])["n_examples"] == 40
+    files = set(tracking.list_artifacts(tracked_run, "attack"))
+    assert files == {"attack/results.json", "attack/results.csv", "attack/accuracy_vs_eps.png"}
+    saved = json.loads(tracking.read_artifact_text(tracked_run, "attack/results.json"))
+    assert saved["run_id"] == tracked_run
+    assert "; ".join(saved["flags"]) == tags["attack.masking_flags"]
+
+
+def test_study_mode_and_bad_input(tracked_run, capsys):
+    reports = attack_cli.attack_study(STUDY, attacks=["fgsm"], eps=[0, 0.1], losses=["ce"], targeted=False,
+                                      n_examples=20, checks=False, log=False, progress=False)  # fmt: skip
+    assert [r.run_id for r in reports] == [tracked_run] and reports[0].flags == []
+    assert attack_cli.main(["--study", "no_such_study", "--no-log"]) == 2
+    assert "study 'no_such_study' has no runs" in capsys.readouterr().err
+    assert attack_cli.main(["--run-id", tracked_run, "--eps", "0,2", "--no-log"]) == 2
+    assert "eps 2.0 is outside [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --run-id or --study is required
+        attack_cli.main(["--fgsm"])

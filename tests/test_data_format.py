@@ -48,6 +48,15 @@ def test_header_layout(tmp_path):
     assert words[5:].tolist() == list(range(6))
 
 
+def test_compression_follows_the_name(tmp_path):
+    a = _sample("int16", (3, 2))
+    for name, gz in [("a.mat.gz", True), ("a.mat.gz.tmp", True), ("a.mat", False), ("a.mat.tmp", False)]:
+        sn.write_matrix(tmp_path / name, a)
+        assert ((tmp_path / name).read_bytes()[:2] == b"\x1f\x8b") == gz
+    sn.write_matrix(tmp_path / "b.mat", a, compress=True)
+    assert gzip.decompress((tmp_path / "b.mat").read_bytes())[:4] == (0x1E3D4C56).to_bytes(4, "little")
+
+
 def test_gzip_is_deterministic(tmp_path):
     a = _sample("uint8", (10, 4))
     sn.write_matrix(tmp_path / "a.mat.gz", a)

@@ -46,6 +46,8 @@ def test_same_seed_same_bytes(tiny, tmp_path):
     assert other["files"][dat] != manifest["files"][dat]
     assert other["files"][sn.file_name("test", "cat")] == manifest["files"][sn.file_name("test", "cat")]
     assert not list((tmp_path / "a").glob("*.tmp"))
+    for name in manifest["files"]:  # published names end in .mat.gz: the files are gzip
+        assert (root / name).read_bytes()[:2] == b"\x1f\x8b"
 
 
 @pytest.mark.slow  # spawning the workers costs ~10 s (each imports torch)

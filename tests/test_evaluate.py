@@ -72,3 +72,23 @@ def test_confusion_matrix_and_plots(tmp_path):
         evaluate.plot_confusion(cm, ["a", "b", "c", "d", "e"], tmp_path / "c.png"),
     ):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_multicrop_averages_the_softmax_over_a_crop_grid():
+    from harness.data.base import ArrayDataset
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 1, 40, 40), generator=g, dtype=torch.uint8)
+    ds = ArrayDataset("toy", "test", images, torch.tensor([0, 1, 2]), None, ["a", "b", "c"], 32, {})
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 3)).double()
+    model_f = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 3))
+    model_f.load_state_dict(model.state_dict())
+    logp, labels = evaluate.predict_multicrop(model_f, ds, batch_size=2, stride=8)
+    x = images.double() / 255
+    ref = (
+        sum(model(x[:, :, dy : dy + 32, dx : dx + 32]).softmax(1) for dy in (0, 4, 8) for dx in (0, 4, 8)) / 9
+    )
+    assert torch.allclose(logp.double().exp(), ref, atol=1e-5) and labels.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="multi-crop needs images larger"):
+        small = ArrayDataset("toy", "test", images[:, :, :32, :32], labels, None, ["a", "b", "c"], 32, {})
+        evaluate.predict_multicrop(model_f, small)

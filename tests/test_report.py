@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import base64
 import html.parser
+import json
 import re
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from harness import report, tracking
+from harness.config import RunConfig, from_dict
 
 MODELS = [("em_capsnet_small", "capsule"), ("cnn_small", "cnn")]
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    return tmp_path
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One temporary MLflow store for the whole module (each study in it has its own name)."""
+    folder = tmp_path_factory.mktemp("report_store")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder}/mlflow.db")
+    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    yield folder
+    mp.undo()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,8 +130,8 @@ def fake_study(
         run.log_params({"data.name": data, "data.view": view, "model.name": model, "n_params": 70_000})
         for epoch in (1, 2, 3):
             run.log_metrics(
-                {"test_familiar_error": 0.5 / epoch, "test_novel_error": 0.7 / epoch, "test_error": 0.6 / epoch,
-                 "val_error": 0.4 / epoch, "samples_per_s": 100.0 + epoch},
+                {"test_familiar_error": 0.5 / epoch, "test_novel_error": 0.7 / epoch,
+                 "test_error": 0.6 / epoch, "val_error": 0.4 / epoch, "samples_per_s": 100.0 + epoch},
                 step=epoch,
             )  # fmt: skip
         run.log_metrics({"final_test_error": 0.2 if family == "capsule" else 0.25, "train_seconds": 30.0})
@@ -143,11 +150,11 @@ def fake_study(
     return parent.run_id
 
 
-def test_fake_study_report_matches_records(store):
+def test_fake_study_report_matches_records(store, tmp_path):
     parent_id = fake_study("fake", stages=("data", "tune", "train", "attack"))
-    path = report.write_report("fake", out_dir=store / "out")
+    path = report.write_report("fake", out_dir=tmp_path)
     page = parse_page(path)
-    assert_embeds_every_figure(store / "out", page)
+    assert_embeds_every_figure(tmp_path, page)
     clean = table_rows(page.tables[0])
     assert clean["em_capsnet_small"]["test error"] == "20.0%"
     assert clean["cnn_small"]["test error"] == "25.0%"
@@ -157,8 +164,9 @@ def test_fake_study_report_matches_records(store):
     # worst case over losses: the margin loss (accuracy 0.8 - 0.1 - 0.1 = 0.6 -> error 40%; success 0.2)
     assert attacked["cnn_small"]["FGSM ε=0.1"] == "40.0% / 20.0%"
     assert attacked["em_capsnet_small"]["BIM ε=0.2"] == "50.0% / 30.0%"
-    text = (store / "out" / "report.md").read_text()
-    assert "Gradient-masking flag on `em_capsnet_small`: bim weaker than fgsm" in text
+    text = (tmp_path / "report.md").read_text()
+    assert "Gradient-masking flags on `em_capsnet_small`** (treat its robustness" in text
+    assert "upper bounds): bim weaker than fgsm" in text
     assert "stage `viewpoint` has not finished" in text
     assert "synthnorb" in text and "| paper:" not in text  # no paper rows for synthnorb
     assert "Budget: 5 trials per model" in text
@@ -177,18 +185,18 @@ def test_paper_reference_rows_only_for_smallnorb(store):
     assert "FGSM error ε=0.5" not in table  # the study did not attack at 0.5
 
 
-def test_missing_stages_still_report(store):
+def test_missing_stages_still_report(store, tmp_path):
     fake_study("partial", stages=("data", "tune"))  # no final runs, no attacks, no matched protocol
-    path = report.write_report("partial", out_dir=store / "out")
-    text = (store / "out" / "report.md").read_text()
+    path = report.write_report("partial", out_dir=tmp_path)
+    text = (tmp_path / "report.md").read_text()
     assert "no final training runs" in text
     for stage in ("train", "viewpoint", "attack"):
         assert f"stage `{stage}` has not finished" in text
     assert "No final runs yet" in text
     page = parse_page(path)
-    assert_embeds_every_figure(store / "out", page)  # the Optuna figures exist
-    assert (store / "out" / "optuna_history.png").exists()
-    assert not (store / "out" / "accuracy_vs_eps.png").exists()
+    assert_embeds_every_figure(tmp_path, page)  # the Optuna figures exist
+    assert (tmp_path / "optuna_history.png").exists()
+    assert not (tmp_path / "accuracy_vs_eps.png").exists()
 
 
 def test_unknown_study_is_a_clear_error(store, capsys):
@@ -225,3 +233,115 @@ def test_html_escapes_text():
     assert "<h1>a &lt;b&gt; &amp; c</h1>" in out
     assert "<code>x&lt;y</code>" in out and "<strong>bold</strong>" in out
     assert re.search(r"<title>a &lt;b&gt; &amp; c</title>", out)
+
+
+# ---------------------------------------------------------------------------------------------
+# a study recorded by the real runner, viewpoint protocol and attack suite (tiny synthnorb)
+# ---------------------------------------------------------------------------------------------
+
+REAL = "real_tiny"
+
+
+@pytest.fixture(scope="module")
+def real_store(store):
+    """A parent run with two final runs trained by harness.train.fit, matched protocol, then attacks.
+
+    Returns (folder, parent run id, {model: run id}, report written before the attack stage).
+    Built the way harness/study.py records a study (docs/contracts.md "Study records"), minus tuning.
+    """
+    from harness import attack, data, train
+    from harness import viewpoint as vp
+    from harness.data import synthnorb
+
+    tmp = store / "real"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        root = tmp / "synthnorb"
+        synthnorb.synthesize(root, image_size=48, lightings=1, elevations=3, instances=1, progress=False)
+        parent = tracking.start_run(
+            REAL, REAL, tags={"capsbench.kind": "study", "capsbench.study": REAL}, system_metrics=False
+        )
+        finals, histories = {}, {}
+        for model, family in MODELS:
+            cfg = from_dict(RunConfig, {
+                "experiment": REAL,
+                "model": {"name": model, "args": {"routing_iters": 1} if family == "capsule" else {}},
+                "data": {"name": "synthnorb", "root": str(root), "view": "azimuth", "limit_train": 16,
+                         "limit_test": 30, "batch_size": 8, "eval_batch_size": 64},
+                "train": {"epochs": 2, "device": "cpu", "threads": 1},
+            })  # fmt: skip
+            tags = {"capsbench.kind": "train", "capsbench.role": "final", "capsbench.study": REAL,
+                    "capsbench.model": model, "capsbench.family": family}  # fmt: skip
+            result = train.fit(cfg, parent_run_id=parent.run_id, tags=tags)
+            finals[model], histories[model] = result.run_id, result.history
+        parent.set_tags({f"capsbench.final.{m}": r for m, r in finals.items()})
+        parent.set_tags({"capsbench.stage.data": "done", "capsbench.stage.train": "done"})
+        # viewpoint stage, as the study records it
+        matched = vp.match_checkpoints(histories, families=dict(MODELS), view="azimuth", run_ids=finals)
+        test = data.get_dataset("synthnorb", "test", view="azimuth", root=str(root))
+        test = test.select(vp.sample_indices(len(test), 45, seed=0))
+        frames = []
+        for m in matched.models.values():
+            cells = vp.checkpoint_cells(m.run_id, m.matched_epoch, test)
+            cells.insert(0, "family", m.family)
+            cells.insert(0, "model", m.model)
+            frames.append(cells)
+        parent.log_metrics(vp.parent_metrics(matched))
+        parent.log_text(pd.concat(frames).to_csv(index=False), "viewpoint/cells.csv")
+        parent.log_json(matched.to_dict(), "viewpoint/matched.json")
+        parent.set_tags({"capsbench.stage.viewpoint": "done"})
+        before = report.write_report(REAL, out_dir=tmp / "before_attack", log=False)
+        for run_id in finals.values():
+            attack.attack_run(
+                run_id, attacks=("fgsm", "bim"), eps=(0.1,), losses=("ce", "margin"), targeted=True,
+                steps=1, n_examples=6, device="cpu", checks=False, progress=False,
+            )  # fmt: skip
+        parent.set_tags({"capsbench.stage.attack": "done"})
+        parent.end()
+        yield tmp, parent.run_id, finals, before
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_real_study_report(real_store):
+    tmp, parent_id, finals, _ = real_store
+    path = report.write_report(REAL, out_dir=tmp / "full")
+    page = parse_page(path)  # parses as HTML
+    assert_embeds_every_figure(tmp / "full", page)
+    for name in ("training_curves", "accuracy_vs_eps", "targeted_success_vs_eps", "viewpoint_heatmaps"):
+        assert (tmp / "full" / f"{name}.png").exists(), name
+    clean, attacked = (table_rows(t) for t in page.tables[:2])
+    assert set(clean) == set(finals)
+    runs = tracking.search_study_runs(REAL).set_index("run_id")
+    matched = json.loads(tracking.read_artifact_text(parent_id, "viewpoint/matched.json"))["models"]
+    for model, run_id in finals.items():
+        run = runs.loc[run_id]
+        row = clean[model]
+        assert row["test error"] == f"{100 * run['metrics.final_test_error']:.1f}%"
+        assert row["params"] == report._fmt_cell("params", float(run["params.n_params"]))
+        assert row["novel error (matched)"] == f"{100 * matched[model]['matched_novel_error']:.1f}%"
+        assert row["matched epoch"] == str(matched[model]["matched_epoch"])
+        for attack, eps in (("fgsm", 0.1), ("bim", 0.1)):
+            acc = run[f"metrics.attack/{attack}/worst/acc_eps_{eps:g}"]
+            success = run[f"metrics.attack/{attack}/worst/targeted_success_eps_{eps:g}"]
+            assert (
+                attacked[model][f"{attack.upper()} ε={eps:g}"]
+                == f"{100 * (1 - acc):.1f}% / {100 * success:.1f}%"
+            )
+    assert "report/report.html" in tracking.list_artifacts(parent_id, "report")
+    text = (tmp / "full" / "report.md").read_text()
+    assert "stage `tune` has not finished" in text  # this store has no tuning
+    assert "Tuning: no Optuna trials recorded." in text
+
+
+def test_real_study_report_before_attacks(real_store):
+    tmp, _, finals, before = real_store
+    page = parse_page(before)
+    assert_embeds_every_figure(tmp / "before_attack", page)
+    assert len(page.tables) == 1  # no attack table
+    assert set(table_rows(page.tables[0])) == set(finals)
+    text = (tmp / "before_attack" / "report.md").read_text()
+    assert "stage `attack` has not finished" in text
+    assert "no attack metrics on the final runs" in text
+    assert not (tmp / "before_attack" / "accuracy_vs_eps.png").exists()

@@ -11,11 +11,13 @@ from harness.config import RunConfig, apply_overrides
 from models import create_model
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return tmp_path
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One temporary store per module (a new MLflow database costs seconds); one experiment per test."""
+    path = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
+        yield path
 
 
 def test_uri_and_artifact_root(store, monkeypatch):

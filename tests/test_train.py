@@ -15,6 +15,7 @@ import torch
 from harness import losses, tracking, train
 from harness.config import RunConfig, apply_overrides
 from harness.data import synthnorb
+from harness.device import DeviceError, resolve_device
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 TIMING = ("samples_per_s", "epoch_seconds")
@@ -212,6 +213,23 @@ def test_non_finite_loss_fails_the_run_and_resumes(synth_cfg, monkeypatch):
     result = train.fit(cfg, resume_run_id=run_id)
     assert result.status == "FINISHED" and [h["epoch"] for h in result.history] == [1, 2]
     assert tracking.run_status(run_id) == "FINISHED"
+
+
+def test_device_choice():
+    assert resolve_device("auto").type in ("cuda", "mps", "cpu") and resolve_device("cpu").type == "cpu"
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_bf16_autocast_and_multicrop(synth_cfg):
+    cfg = synth_cfg("train.epochs=1", "data.limit_train=64", "train.precision=bf16", "train.multicrop=true")
+    result = train.fit(cfg)
+    assert result.multicrop_test_error is not None and 0 <= result.multicrop_test_error <= 1
+    assert mlflow.get_run(result.run_id).data.metrics["multicrop_test_error"] == result.multicrop_test_error
+    assert all(v == v for v in result.history[0].values())  # no NaN
 
 
 def test_nested_trial_run(synth_cfg):

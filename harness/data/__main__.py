@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--elevations", type=int, default=9, help="elevations to keep, spread over 30..70°, 1..9 (default 9)"
     )
     s.add_argument("--instances", type=int, default=5, help="instances per split, 1..5 (default 5)")
-    s.add_argument("--workers", type=int, default=None, help="render processes (default: up to 4 for big sets)")
+    s.add_argument(
+        "--workers", type=int, default=None, help="render processes (default: up to 4 for big sets)"
+    )
     root_opt(s)
     s = add("preview", "write a PNG grid (categories × azimuths, both cameras)", _cmd_preview)
     s.add_argument("name", choices=["smallnorb", "synthnorb"])

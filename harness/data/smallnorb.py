@@ -155,7 +155,7 @@ def _check_no_trailing(f, path: Path, shape: tuple[int, ...], fix: str) -> None:
 
 
 class MatrixWriter:
-    """Stream a matrix file: header first, then records in order; gzip when the name ends in .gz.
+    """Stream a matrix file: header first, then records in order; gzip when the name ends in .gz[.tmp].
 
     gzip output is deterministic (no time stamp, no file name), so the same arrays give the same bytes.
 
@@ -163,7 +163,15 @@ class MatrixWriter:
             for chunk in chunks: w.write(chunk)
     """
 
-    def __init__(self, path: str | Path, dtype, shape: tuple[int, ...], *, compresslevel: int = 6):
+    def __init__(
+        self,
+        path: str | Path,
+        dtype,
+        shape: tuple[int, ...],
+        *,
+        compress: bool | None = None,
+        compresslevel: int = 6,
+    ):
         self.path = Path(path)
         self.dtype = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
         if self.dtype not in DTYPE_TO_MAGIC:
@@ -174,7 +182,7 @@ class MatrixWriter:
         self.row_shape = self.shape[1:]
         self.written = 0
         self._raw = open(self.path, "wb")
-        gz = self.path.name.endswith(".gz")
+        gz = _gz_name(self.path) if compress is None else compress
         self._f = (
             gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=compresslevel)
             if gz
@@ -212,12 +220,20 @@ class MatrixWriter:
             self.path.unlink(missing_ok=True)
 
 
-def write_matrix(path: str | Path, array: np.ndarray, *, compresslevel: int = 6) -> None:
-    """Write ``array`` (any of the five dtypes, ndim >= 1) as a matrix file; gzip if the name ends in .gz."""
+def _gz_name(path: Path) -> bool:
+    """Whether a file name asks for gzip: it ends in .gz, also under a temporary name ending in .tmp."""
+    name = path.name.removesuffix(".tmp")
+    return name.endswith(".gz")
+
+
+def write_matrix(
+    path: str | Path, array: np.ndarray, *, compress: bool | None = None, compresslevel: int = 6
+) -> None:
+    """Write ``array`` (any of the five dtypes, ndim >= 1) as a matrix file (gzip: see MatrixWriter)."""
     array = np.asarray(array)
     if array.ndim == 0:
         raise ValueError("a matrix file needs at least one dimension")
-    with MatrixWriter(path, array.dtype, array.shape, compresslevel=compresslevel) as w:
+    with MatrixWriter(path, array.dtype, array.shape, compress=compress, compresslevel=compresslevel) as w:
         w.write(array) if array.shape[0] else None
 
 
