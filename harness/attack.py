@@ -236,6 +236,7 @@ def format_report(report: AttackReport) -> str:
             _eps_table(curves(report.table, "targeted")).to_string(float_format=fmt),
         ]
     lines += ["", format_flags(report.flags)]
+    lines += [f"  note: {n}" for n in report.checks.get("notes", [])]
     return "\n".join(lines)
 
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import io
 import json
 import math
+import os
 import re
+import shutil
 import sys
+import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -31,9 +32,9 @@ import pandas as pd
 
 from harness import report_figures as figs
 from harness import tracking
+from harness.report_records import STAGES, ReportError, StudyRecords, collect, parse_attack_metrics  # noqa: F401
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["data", "tune", "train", "viewpoint", "attack"]  # the stages before `report`
 ATTACKS = ["fgsm", "bim", "pgd"]
 SUMMARY_ATTACKS = ["fgsm", "bim"]  # the paper's attacks; PGD is in the figures
 EPS_UNITS = (
@@ -59,12 +60,12 @@ PAPER = {
         "elevation": (0.043, 0.123),
         "fgsm_acc": {0.1: 0.86, 0.2: 0.83, 0.5: 0.69},
     },
+    "capsule_small": {
+        "label": "paper: EM capsules small (A=64,B=8,C=D=16)",
+        "n_params": 68e3,
+        "test_error": 0.022,
+    },
 }
-
-_ATTACK_METRIC = re.compile(
-    r"^attack/(?P<attack>\w+)/(?P<loss>\w+)/(?P<kind>acc|targeted_success)_eps_(?P<eps>[0-9.eE+-]+)$"
-)
-
 
 PAPER_NOTE = (
     "Rows starting `paper:` are the paper's numbers (DESIGN.md §1; FGSM read off its Fig. 3), for reference: "
@@ -72,238 +73,15 @@ PAPER_NOTE = (
 )
 
 
-class ReportError(RuntimeError):
-    """A report that cannot be made at all (e.g. no runs for the study); one line, with the fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# records: what the report reads from MLflow
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelRecord:
-    model: str  # registry name
-    family: str  # capsule | cnn
-    run_id: str
-    status: str
-    params: dict[str, str]
-    metrics: dict[str, float]
-    tags: dict[str, str]
-    history: pd.DataFrame  # index epoch, one column per metric
-    attacks: pd.DataFrame  # long: model, attack, loss, kind, eps, value
-
-
-@dataclass
-class StudyRecords:
-    name: str
-    parent: dict | None  # run_id, status, params, metrics, tags, experiment_id
-    models: list[ModelRecord]
-    trials: pd.DataFrame  # model, family, number, value, state, params_*
-    matched: dict | None  # viewpoint/matched.json
-    cells: pd.DataFrame | None  # viewpoint/cells.csv
-    study_toml: str | None
-    missing: list[str] = field(default_factory=list)  # plain-words notes of what is not there
-    families: dict[str, str] = field(default_factory=dict)  # model -> capsule | cnn, from every run's tags
-
-    @property
-    def attacks(self) -> pd.DataFrame:
-        frames = [m.attacks for m in self.models if not m.attacks.empty]
-        return pd.concat(frames, ignore_index=True) if frames else _empty_attacks()
-
-    def data_param(self, key: str) -> str:
-        """A run param shared by the final runs (e.g. data.name), else the parent's, else ""."""
-        for m in self.models:
-            if m.params.get(key):
-                return m.params[key]
-        params = (self.parent or {}).get("params", {})
-        return params.get(key) or params.get(f"run.{key}", "")
-
-
-def _empty_attacks() -> pd.DataFrame:
-    return pd.DataFrame(columns=["model", "attack", "loss", "kind", "eps", "value"])
-
-
-def _prefixed(row: pd.Series, prefix: str) -> dict:
-    out = {}
-    for key, value in row.items():
-        if (
-            key.startswith(prefix)
-            and value is not None
-            and not (isinstance(value, float) and math.isnan(value))
-        ):
-            out[key[len(prefix) :]] = value
-    return out
-
-
-def _run_dict(row: pd.Series) -> dict:
-    return {
-        "run_id": row["run_id"],
-        "status": row.get("status", ""),
-        "experiment_id": row.get("experiment_id", ""),
-        "start_time": row.get("start_time"),
-        "params": _prefixed(row, "params."),
-        "metrics": _prefixed(row, "metrics."),
-        "tags": _prefixed(row, "tags."),
-    }
-
-
-def parse_attack_metrics(model: str, metrics: dict[str, float]) -> pd.DataFrame:
-    """``attack/{attack}/{loss}/{acc|targeted_success}_eps_{eps}`` metrics -> a long table.
-
-    When the runs hold no ``worst`` entry for an (attack, kind), it is derived: the lowest
-    accuracy / highest targeted success over the losses present.
-    """
-    rows = []
-    for key, value in metrics.items():
-        m = _ATTACK_METRIC.match(key)
-        if m:
-            rows.append(
-                dict(
-                    model=model,
-                    attack=m["attack"],
-                    loss=m["loss"],
-                    kind=m["kind"],
-                    eps=float(m["eps"]),
-                    value=float(value),
-                )
-            )
-    if not rows:
-        return _empty_attacks()
-    table = pd.DataFrame(rows)
-    derived = []
-    for (attack, kind), group in table.groupby(["attack", "kind"]):
-        if (group["loss"] == "worst").any():
-            continue
-        pick = group.groupby("eps")["value"].min() if kind == "acc" else group.groupby("eps")["value"].max()
-        derived += [
-            dict(model=model, attack=attack, loss="worst", kind=kind, eps=e, value=v) for e, v in pick.items()
-        ]
-    if derived:
-        table = pd.concat([table, pd.DataFrame(derived)], ignore_index=True)
-    return table.sort_values(["attack", "loss", "kind", "eps"], ignore_index=True)
-
-
-def collect(name: str) -> StudyRecords:
-    """Everything the report needs about study ``name``, read from MLflow; missing parts noted."""
-    runs = tracking.search_study_runs(name)
-    if runs.empty:
-        raise ReportError(
-            f"no MLflow runs tagged capsbench.study={name!r} in {tracking.tracking_uri()}; "
-            f"run `make study NAME={name}` first, or point MLFLOW_TRACKING_URI at the store that holds it"
-        )
-    missing: list[str] = []
-    kind = runs.get("tags.capsbench.kind", pd.Series("", index=runs.index)).fillna("")
-    parents = runs[kind == "study"].sort_values("start_time", ascending=False)
-    parent = _run_dict(parents.iloc[0]) if len(parents) else None
-    if parent is None:
-        missing.append("no parent run (capsbench.kind=study): tuning budget and matched protocol are unknown")
-    else:  # keep only the runs of the newest parent, in case an older study of the same name exists
-        parent_ids = runs.get("tags.mlflow.parentRunId", pd.Series("", index=runs.index)).fillna("")
-        runs = runs[
-            (runs["run_id"] == parent["run_id"]) | (parent_ids == parent["run_id"]) | (parent_ids == "")
-        ]
-        kind = kind.loc[runs.index]
-        done = {s for s in STAGES if parent["tags"].get(f"capsbench.stage.{s}") == "done"}
-        for stage in STAGES:
-            if stage not in done:
-                missing.append(f"stage `{stage}` has not finished")
-
-    role = runs.get("tags.capsbench.role", pd.Series("", index=runs.index)).fillna("")
-    finals = runs[(kind == "train") & (role == "final")].sort_values("start_time", ascending=False)
-    chosen = {
-        k.split(".", 2)[2]: v
-        for k, v in (parent or {}).get("tags", {}).items()
-        if k.startswith("capsbench.final.")
-    }
-    models: list[ModelRecord] = []
-    seen: set[str] = set()
-    for _, row in finals.iterrows():
-        run = _run_dict(row)
-        model = run["tags"].get("capsbench.model") or run["params"].get("model.name", "?")
-        if model in seen or (model in chosen and chosen[model] != run["run_id"]):
-            continue
-        seen.add(model)
-        metrics = dict(run["metrics"])
-        attacks = parse_attack_metrics(model, metrics)
-        models.append(
-            ModelRecord(
-                model=model,
-                family=run["tags"].get("capsbench.family", ""),
-                run_id=run["run_id"],
-                status=run["status"],
-                params=run["params"],
-                metrics=metrics,
-                tags=run["tags"],
-                history=tracking.metric_histories(run["run_id"], tracking.EPOCH_METRICS),
-                attacks=attacks,
-            )
-        )
-        if run["status"] != "FINISHED":
-            missing.append(f"the final run of `{model}` ended {run['status']}")
-    models.sort(key=lambda m: (m.family != "capsule", m.model))  # capsules first, then CNNs
-    if not models:
-        missing.append("no final training runs (stage `train`): no summary rows")
-    elif all(m.attacks.empty for m in models):
-        missing.append("no attack metrics on the final runs (stage `attack`)")
-
-    trials = _collect_trials(runs, kind, parent)
-    matched = cells = study_toml = None
-    if parent is not None:
-        text = tracking.read_artifact_text(parent["run_id"], "viewpoint/matched.json")
-        matched = json.loads(text) if text else None
-        text = tracking.read_artifact_text(parent["run_id"], "viewpoint/cells.csv")
-        cells = pd.read_csv(io.StringIO(text)) if text else None
-        study_toml = tracking.read_artifact_text(parent["run_id"], "study.toml")
-    tagged = runs.dropna(subset=[c for c in ("tags.capsbench.model", "tags.capsbench.family") if c in runs])
-    families = dict(zip(tagged.get("tags.capsbench.model", []), tagged.get("tags.capsbench.family", [])))
-    return StudyRecords(name, parent, models, trials, matched, cells, study_toml, missing, families)
-
-
-def _collect_trials(runs: pd.DataFrame, kind: pd.Series, parent: dict | None) -> pd.DataFrame:
-    """Optuna trials per model: the parent's ``tune/<model>_trials.csv`` artifacts, else the trial runs."""
-    frames = []
-    if parent is not None:
-        for path in tracking.list_artifacts(parent["run_id"], "tune"):
-            m = re.match(r"tune/(.+)_trials\.csv$", path)
-            text = tracking.read_artifact_text(parent["run_id"], path) if m else None
-            if text:
-                frame = pd.read_csv(io.StringIO(text))
-                frame.insert(0, "model", m[1])
-                frames.append(frame)
-    if not frames:  # fall back to the nested trial runs themselves
-        rows = []
-        for _, row in runs[kind == "trial"].iterrows():
-            run = _run_dict(row)
-            state = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}.get(
-                run["status"], run["status"]
-            )
-            value = run["metrics"].get("best_val_error", run["metrics"].get("val_error"))
-            rows.append(
-                {
-                    "model": run["tags"].get("capsbench.model", "?"),
-                    "number": int(run["tags"].get("optuna.trial", len(rows))),
-                    "value": value,
-                    "state": state,
-                }
-            )
-        frames = [pd.DataFrame(rows)] if rows else []
-    if not frames:
-        return pd.DataFrame(columns=["model", "number", "value", "state"])
-    trials = pd.concat(frames, ignore_index=True)
-    trials["state"] = trials["state"].astype(str).str.replace("TrialState.", "", regex=False)
-    return trials
-
-
 # ---------------------------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------------------------
 
 
-def attack_eps(records: StudyRecords, attack: str) -> list[float]:
-    """The non-zero ε of ``attack`` present in any final run, sorted."""
+def attack_eps(records: StudyRecords, attack: str, kind: str = "acc") -> list[float]:
+    """The non-zero ε at which any final run has ``attack`` results of ``kind`` (acc | targeted_success)."""
     a = records.attacks
-    return sorted({e for e in a.loc[a["attack"] == attack, "eps"] if e > 0})
+    return sorted({e for e in a.loc[(a["attack"] == attack) & (a["kind"] == kind), "eps"] if e > 0})
 
 
 def summary_table(records: StudyRecords) -> pd.DataFrame:
@@ -332,7 +110,7 @@ def summary_table(records: StudyRecords) -> pd.DataFrame:
             )
         for attack in SUMMARY_ATTACKS:
             for kind, title in (("acc", "error"), ("targeted_success", "targeted success")):
-                for eps in attack_eps(records, attack):
+                for eps in attack_eps(records, attack, kind):
                     sel = m.attacks[
                         (m.attacks["attack"] == attack)
                         & (m.attacks["loss"] == "worst")
@@ -344,7 +122,7 @@ def summary_table(records: StudyRecords) -> pd.DataFrame:
                         value = 1.0 - value
                     row[f"{attack.upper()} {title} ε={eps:g}"] = value
         row["train time (s)"] = m.metrics.get("train_seconds")
-        row["samples/s"] = float(rate.median()) if len(rate) else None
+        row["train samples/s"] = float(rate.median()) if len(rate) else None
         rows.append(row)
     if rows and records.data_param("data.name").lower() == "smallnorb":
         rows += paper_rows(list(rows[0]), view)
@@ -354,15 +132,16 @@ def summary_table(records: StudyRecords) -> pd.DataFrame:
 def paper_rows(columns: list[str], view: str) -> list[dict]:
     """The paper's numbers for the columns this table has (DESIGN.md §1)."""
     rows = []
-    for family in ("capsule", "cnn"):
-        ref = PAPER[family]
+    full_data = not view or view == "none"
+    for key in ("capsule", "capsule_small", "cnn") if full_data else ("capsule", "cnn"):
+        ref, family = PAPER[key], key.split("_")[0]
         row: dict = {c: None for c in columns}
         row.update(model=ref["label"], family=family, params=ref["n_params"])
         if not view or view == "none":
             row["test error"] = ref["test_error"]
         elif view in ("azimuth", "elevation") and "novel error (matched)" in columns:
             row["familiar error (matched)"], row["novel error (matched)"] = ref[view]
-        for eps, acc in ref["fgsm_acc"].items():
+        for eps, acc in ref.get("fgsm_acc", {}).items():
             if f"FGSM error ε={eps:g}" in columns:
                 row[f"FGSM error ε={eps:g}"] = 1.0 - acc
         rows.append(row)
@@ -380,7 +159,7 @@ def split_summary(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | Non
     for col in [c for c in attack_cols if " error ε=" in c]:
         attack, eps = col.split(" error ε=")
         target = f"{attack} targeted success ε={eps}"
-        attacked[f"{attack} ε={eps}"] = shown[col] + " / " + (shown[target] if target in shown else "–")
+        attacked[f"{attack} ε={eps}"] = shown[col] + (" / " + shown[target] if target in shown else "")
     return clean, attacked
 
 
@@ -405,7 +184,7 @@ def _fmt_cell(col: str, v) -> str:
         return f"{int(v)}"
     if col == "train time (s)":
         return f"{float(v):.0f}"
-    if col == "samples/s":
+    if col == "train samples/s":
         return f"{float(v):.1f}"
     return f"{100 * float(v):.1f}%"
 
@@ -480,31 +259,44 @@ def importances(trials: pd.DataFrame) -> tuple[dict[str, dict[str, float]], list
 
     out, notes = {}, []
     params = [c for c in trials.columns if c.startswith("params_")]
-    for model, group in trials.groupby("model"):
-        done = group[(group["state"] == "COMPLETE") & group["value"].notna()]
-        cols = [c for c in params if done[c].notna().any() and done[c].nunique() > 1]
-        if len(done) < 3 or not cols:
-            notes.append(f"`{model}`: {len(done)} complete trial(s), too few to estimate importances")
-            continue
-        dists = {c[len("params_") :]: _distribution(done[c].dropna()) for c in cols}
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(direction="minimize")
-        for _, t in done.iterrows():
-            values = {c[len("params_") :]: _native(t[c]) for c in cols if pd.notna(t[c])}
-            study.add_trial(
-                optuna.trial.create_trial(
-                    params=values, distributions={k: dists[k] for k in values}, value=float(t["value"])
-                )
-            )
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out[model] = optuna.importance.get_param_importances(
-                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
-                )
-        except Exception as e:  # noqa: BLE001 - a figure must never sink the report
-            notes.append(f"`{model}`: importances could not be computed ({type(e).__name__}: {e})")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line per model
+    try:
+        for model, group in trials.groupby("model"):
+            done = group[(group["state"] == "COMPLETE") & group["value"].notna()]
+            cols = [c for c in params if done[c].notna().any() and done[c].nunique() > 1]
+            if len(done) < 3:
+                notes.append(f"`{model}`: {len(done)} complete trial(s), too few to estimate importances")
+            elif not cols:
+                notes.append(f"`{model}`: no hyperparameter varied across its complete trials")
+            else:
+                try:
+                    out[model] = _fanova(done, cols)
+                except Exception as e:  # noqa: BLE001 - a figure must never sink the report
+                    notes.append(f"`{model}`: importances could not be computed ({type(e).__name__}: {e})")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return out, notes
+
+
+def _fanova(done: pd.DataFrame, cols: list[str]) -> dict[str, float]:
+    """Rebuild the complete trials as an in-memory Optuna study and run its fANOVA evaluator."""
+    import optuna
+
+    names = {c: c[len("params_") :] for c in cols}
+    dists = {names[c]: _distribution(done[c].dropna()) for c in cols}
+    study = optuna.create_study(direction="minimize")
+    for _, t in done.iterrows():
+        values = {names[c]: _native(t[c]) for c in cols if pd.notna(t[c])}
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=values, distributions={k: dists[k] for k in values}, value=float(t["value"])
+            )
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks the evaluators experimental
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        return optuna.importance.get_param_importances(study, evaluator=evaluator)
 
 
 def _distribution(values: pd.Series):
@@ -639,7 +431,10 @@ def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, 
     imp: dict = {}
     imp_notes: list[str] = []
     if not records.trials.empty:
-        imp, imp_notes = importances(records.trials)
+        try:
+            imp, imp_notes = importances(records.trials)
+        except Exception as e:  # noqa: BLE001 - e.g. a trials table without the expected columns
+            imp_notes = [f"importances could not be computed ({type(e).__name__}: {e})"]
     plan = [
         (
             "training_curves.png",
@@ -674,6 +469,8 @@ def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, 
             lambda: figs.param_importances(imp, fams),
         ),
     ]
+    for filename, _, _ in plan:
+        (out_dir / filename).unlink(missing_ok=True)  # no stale figure from an earlier report
     made, skipped = [], list(imp_notes)
     if imp_notes and not imp:
         plan = [p for p in plan if p[0] != "optuna_importances.png"]  # the notes already say why
@@ -716,9 +513,9 @@ def build_blocks(records: StudyRecords, figures: list[tuple[str, str]], skipped:
         blocks.append(("table", clean))
         if attacked is not None:
             blocks += [("h2", "Under attack"), ("table", attacked)]
-            blocks.append(
-                ("p", "Each cell: error / targeted success, both worst case over the attack losses.")
-            )
+            targeted = any(" targeted success " in c for c in table.columns)
+            what = "error / targeted success, both" if targeted else "error (no targeted attacks recorded),"
+            blocks.append(("p", f"Each cell: {what} worst case over the attack losses."))
         has_paper = table["model"].str.startswith("paper:").any()
         blocks.append(("p", "Errors in %, one row per final model. " + (PAPER_NOTE if has_paper else "")))
     blocks += [("h2", "Notes"), ("ul", notes(records))]
@@ -727,7 +524,34 @@ def build_blocks(records: StudyRecords, figures: list[tuple[str, str]], skipped:
         blocks.append(("figure", filename, caption))
     if skipped:
         blocks.append(("ul", [f"Not drawn: {s}" for s in skipped]))
+    blocks += [("h2", "Provenance"), ("ul", provenance(records))]
+    if records.study_toml:
+        blocks.append(("code", "toml", "The resolved study file (study.toml)", records.study_toml))
     return blocks
+
+
+def provenance(records: StudyRecords) -> list[str]:
+    """Where each number came from: runs, code version, device; and how to rerun."""
+    out = [
+        f"Rerun: `make study NAME={records.name}` (skips finished stages); "
+        f"regenerate this page: `python -m harness.report {records.name}`; browse the runs: `make ui`."
+    ]
+    for m in records.models:
+        commit = m.tags.get("git.commit", "unknown")[:10]
+        dirty = " (uncommitted changes)" if m.tags.get("git.dirty") == "true" else ""
+        versions = _json_field(m.tags.get("versions"), "torch")
+        out.append(
+            f"`{m.model}`: run `{m.run_id}` ({m.status.lower()}), commit `{commit}`{dirty}, "
+            f"device {m.tags.get('device', 'unknown')}" + (f", torch {versions}" if versions else "")
+        )
+    return out
+
+
+def _json_field(text: str | None, key: str) -> str:
+    try:
+        return str(json.loads(text).get(key, "")) if text else ""
+    except (ValueError, AttributeError):
+        return ""
 
 
 def render_markdown(blocks: list[tuple]) -> str:
@@ -757,6 +581,8 @@ def render_markdown(blocks: list[tuple]) -> str:
             )
         elif kind == "figure":
             out.append(f"![{block[2]}]({block[1]})\n\n*{block[2]}*\n")
+        elif kind == "code":
+            out.append(f"{block[2]}:\n\n```{block[1]}\n{block[3].rstrip()}\n```\n")
     return "\n".join(out)
 
 
@@ -785,6 +611,9 @@ def render_html(blocks: list[tuple], image_dir: Path) -> str:
             data = base64.b64encode((image_dir / block[1]).read_bytes()).decode("ascii")
             img = f'<img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
             body.append(f"<figure>{img}<figcaption>{_inline(block[2])}</figcaption></figure>")
+        elif kind == "code":
+            summary = f"<summary>{_inline(block[2])}</summary>"
+            body.append(f"<details>{summary}<pre><code>{html.escape(block[3])}</code></pre></details>")
     head = f'<meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style>'
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head>{head}</head>\n<body>\n'
@@ -808,7 +637,7 @@ def _inline(text: str) -> str:
 def write_report(name: str, *, out_dir: str | Path | None = None, log: bool = True) -> Path:
     """Write ``reports/NAME/report.{md,html}`` + PNGs, log them to the parent run; returns the HTML path."""
     records = collect(name)
-    out = Path(out_dir) if out_dir else PROJECT_ROOT / "reports" / name
+    out = Path(out_dir) if out_dir else reports_root() / name
     out.mkdir(parents=True, exist_ok=True)
     figures, skipped = make_figures(records, out)
     blocks = build_blocks(records, figures, skipped)
@@ -816,8 +645,16 @@ def write_report(name: str, *, out_dir: str | Path | None = None, log: bool = Tr
     path = out / "report.html"
     path.write_text(render_html(blocks, out))
     if log and records.parent is not None:
-        tracking.log_artifacts(records.parent["run_id"], out, "report")
+        with tempfile.TemporaryDirectory(prefix="capsbench-report-") as tmp:
+            for file in ["report.md", "report.html", *(f for f, _ in figures)]:
+                shutil.copy2(out / file, tmp)  # only what this report wrote, not the rest of out_dir
+            tracking.log_artifacts(records.parent["run_id"], tmp, "report")
     return path
+
+
+def reports_root() -> Path:
+    """``$CAPSBENCH_REPORTS`` if set, else ``<project root>/reports``."""
+    return Path(os.environ.get("CAPSBENCH_REPORTS") or PROJECT_ROOT / "reports")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -834,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         "name", help="study name (the capsbench.study tag of its runs), e.g. demo or smallnorb_azimuth"
     )
     parser.add_argument(
-        "--out", default=None, help="output folder (default: reports/NAME under the project root)"
+        "--out", default=None, help="output folder (default: $CAPSBENCH_REPORTS/NAME, else reports/NAME)"
     )
     parser.add_argument(
         "--no-log", action="store_true", help="do not log the report to the study's parent run"

@@ -182,7 +182,9 @@ def open_parent_run(study: Study):
     run_id = state.get("parent_run_id")
     if run_id:
         try:
-            return tracking.resume_run(run_id, system_metrics=False)
+            run = tracking.resume_run(run_id, system_metrics=False)
+            run.log_text(dumps_toml(to_toml_dict(study.cfg)), "study.toml")  # settings allowed to change
+            return run
         except tracking.TrackingError:
             study.log(f"parent run {run_id} is gone from {tracking.tracking_uri()}; starting a new one")
     cfg = study.cfg
@@ -648,7 +650,7 @@ def stage_viewpoint(study: Study, parent) -> None:
     state = study.state()
     families = {m: model_family(m) for m in cfg.models}
     result = vp.match_checkpoints(
-        state["final_history"],
+        {m: state["final_history"][m] for m in cfg.models},
         families=families,
         view=cfg.run.data.view,
         reference=cfg.viewpoint.reference,
@@ -764,6 +766,7 @@ def run_study(
             study.log(
                 f"stage {i}/{len(cfg.stages)}: {stage}" + (f" (then {', '.join(left)})" if left else "")
             )
+            study.update_state(current=stage)
             t0 = time.perf_counter()
             STAGE_FUNCS[stage](study, parent)
             seconds = time.perf_counter() - t0
@@ -773,7 +776,7 @@ def run_study(
                 "seconds": round(seconds, 1),
                 "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
-            study.update_state(stages=stages)
+            study.update_state(stages=stages, current=None)
             parent.set_tags({f"capsbench.stage.{stage}": "done"})
             parent.log_metrics({f"stage/{stage}_seconds": seconds})
             study.log(f"stage {stage} done in {seconds:.1f}s")
@@ -802,7 +805,8 @@ def status_text(cfg: StudyConfig, root: Path = DEFAULT_ROOT, storage: str | None
     lines = [f"study {cfg.name}: folder {folder}, parent run {state.get('parent_run_id')}"]
     for stage in cfg.stages:
         s = state["stages"].get(stage)
-        lines.append(f"  {stage:<10} " + (f"done ({s['seconds']}s)" if s else "to do"))
+        current = "running (or interrupted)" if stage == state.get("current") else "to do"
+        lines.append(f"  {stage:<10} " + (f"done ({s['seconds']}s)" if s else current))
     for model in cfg.models:
         try:
             c = trial_counts(
@@ -834,16 +838,19 @@ def resolve(path: str) -> Callable:
 
 
 @contextmanager
-def single_runner(folder: Path):
-    """One `python -m harness.study NAME` per study folder at a time (workers are its children)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "study.lock", "w") as f:
+def single_runner(root: Path, name: str):
+    """One `python -m harness.study NAME` per study folder at a time (its workers are its children).
+
+    The lock file sits beside the folder (``<root>/.NAME.lock``) so that --fresh can delete the folder.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StudyError(
-                f"study {folder.name} is already running here ({folder}/study.lock); "
-                "wait for it, or use --storage to add workers from another machine"
+                f"study {name} is already running on this machine ({root / f'.{name}.lock'}); wait for it, "
+                "or add workers from another machine with --storage"
             ) from None
         yield
 
@@ -902,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
             print(status_text(cfg, args.root, args.storage))
             return 0
         t0 = time.perf_counter()
-        with single_runner(args.root / cfg.name):
+        with single_runner(args.root, cfg.name):
             study = run_study(
                 cfg, root=args.root, storage=args.storage, workers=args.workers, fresh=args.fresh
             )

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from models.em_routing import CostNorm, normalize_cost, routing_dtype, safe_divisor
 
 _LOG_2PI = math.log(2 * math.pi)
-CHUNK_BYTES = 48 * 2**20  # VV bytes per chunk of images (forward and backward work chunk by chunk)
+CHUNK_BYTES = 8 * 2**20  # bytes of v and v² per chunk of images (forward and backward go chunk by chunk)
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]  # E-step logits (G, J, I) -> R (G, J, I)
 
@@ -44,7 +44,8 @@ def softmax_over_parents(logits: torch.Tensor) -> torch.Tensor:
 
 
 def route(
-    VV: torch.Tensor,
+    v: torch.Tensor,
+    v2: torch.Tensor,
     acts: torch.Tensor,
     beta_u: torch.Tensor,
     beta_a: torch.Tensor,
@@ -54,37 +55,35 @@ def route(
     normalize: Normalize = softmax_over_parents,
     taps: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EM routing on centred votes and their squares.
+    """EM routing on centred votes v and their squares v2, both (G, J, I, 16).
 
-    VV (G, J, I, 32) = [v, v²] with v centred per parent; acts (G, I); ``normalize`` maps E-step logits
-    (G, J, I) to assignments R summing to 1 over each child's parents. Returns the centred means
-    (G, J, 16) and the parents' activation logits (G, J).
+    acts (G, I); ``normalize`` maps E-step logits (G, J, I) to assignments R summing to 1 over each
+    child's parents. Returns the centred means (G, J, 16) and the parents' activation logits (G, J).
 
-    With ``taps`` (a list), VV is treated as a constant and every contraction with it gets a zero
-    leaf added to its output; ``taps`` receives (coefficients, leaf) pairs so that the caller can
-    assemble VV's gradient from the leaves' gradients (see ``FastEMRouting.backward``).
+    With ``taps`` (a list), v and v2 are treated as constants and every contraction with them gets a
+    zero leaf added to its output; ``taps`` receives (kind, coefficients, leaf) so that the caller can
+    assemble their gradients from the leaves' gradients (see ``FastEMRouting.backward``).
     """
-    G, J, I, _ = VV.shape
+    G, J, I, _ = v.shape
     cost_norm = CostNorm(cost_norm)
-    flat = VV.view(G * J, I, 32)
+    v, v2 = v.view(G * J, I, 16), v2.view(G * J, I, 16)
 
-    def contract(a, b, coeff, shape):
-        out = torch.bmm(a, b)
-        if taps is not None:
-            leaf = torch.zeros(shape, dtype=out.dtype, device=out.device, requires_grad=True)
-            taps.append((coeff, leaf))
-            out = out + leaf
-        return out
+    def tap(out, kind, coeff):
+        if taps is None:
+            return out
+        leaf = torch.zeros_like(out, requires_grad=True)
+        taps.append((kind, coeff, leaf))
+        return out + leaf
 
     a_in = acts[:, None, :]  # (G, 1, I)
-    R = normalize(VV.new_zeros(G, J, I))
+    R = normalize(v.new_zeros(G, J, I))
     last = len(inverse_temperatures) - 1
     for t, lam in enumerate(inverse_temperatures):
-        # 1. M-step: [sum R'v, sum R'v²] in one pass over VV
+        # 1. M-step: sum_i R'v and sum_i R'v², one pass over v and v2
         Rp = (R * a_in).view(G * J, 1, I)  # R'_ij
         Rsum = Rp.sum(dim=-1).view(G, J)
-        S = contract(Rp, flat, ("M", Rp), (G * J, 1, 32)).view(G, J, 32)
-        moments = S / safe_divisor(Rsum)[..., None]
+        S = tap(torch.cat([torch.bmm(Rp, v), torch.bmm(Rp, v2)], dim=-1), "M", Rp)  # (G·J, 1, 32)
+        moments = S.view(G, J, 32) / safe_divisor(Rsum)[..., None]
         mu = moments[..., :16]  # (G, J, 16)
         var = (moments[..., 16:] - mu.square()).clamp_min(0) + var_floor
         log_sigma = 0.5 * torch.log(var)
@@ -92,119 +91,138 @@ def route(
         logit_a = lam * (beta_a - normalize_cost(cost, cost_norm, I, J))
         if t == last:
             break
-        # 2. E-step: log p_ij = [v, v²]·[mu/var, -1/(2 var)] + const_j in one pass over VV
-        w = torch.cat([mu / var, -0.5 / var], dim=-1).view(G * J, 32, 1)
+        # 2. E-step: log p_ij = v·(mu/var) + v²·(-1/(2 var)) + const_j, one pass over v and v2
+        w1, w2 = (mu / var).view(G * J, 16, 1), (-0.5 / var).view(G * J, 16, 1)
         const = (-0.5 * mu.square() / var - log_sigma).sum(dim=-1) - 8 * _LOG_2PI  # (G, J)
-        log_p = contract(flat, w, ("E", w), (G * J, I, 1)).view(G, J, I) + const[..., None]
-        R = normalize(F.logsigmoid(logit_a)[..., None] + log_p)
+        log_p = tap(torch.bmm(v, w1) + torch.bmm(v2, w2), "E", torch.cat([w1, w2], dim=1))  # (G·J, I, 1)
+        R = normalize(F.logsigmoid(logit_a)[..., None] + log_p.view(G, J, I) + const[..., None])
     return mu, logit_a
 
 
-def build_vv(p, w, offsets, groups: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Votes of one chunk, centred, with their squares, straight into the routing layout (no autograd).
+def kron_weights(W: torch.Tensor) -> torch.Tensor:
+    """W (I, J, 4, 4) -> M (I, 16, J·16) with vec(P_i W_ij) = vec(P_i) M_i[:, j-block] (row-major vec).
 
-    p (I, G·4, 4) child poses per slot, w (I, 4, J·4) transformations, offsets (I, 16) or None added to
-    every vote. Returns VV (G, J, I, 32) and the centres (G, J, 16) in ``dtype``.
+    Writing the 4x4 products as one (G, 16) @ (16, J·16) matmul per child slot makes every vote a
+    contiguous 16-vector in the output, which is what the routing layout needs."""
+    I, J = W.shape[:2]
+    eye = torch.eye(4, dtype=W.dtype, device=W.device)
+    return torch.einsum("ab,ijyz->iayjbz", eye, W).reshape(I, 16, J * 16)
+
+
+def kron_weights_grad(dM: torch.Tensor, J: int) -> torch.Tensor:
+    """The gradient of ``kron_weights``: dM (I, 16, J·16) -> dW (I, J, 4, 4) (sum of the diagonal blocks)."""
+    I = dM.shape[0]
+    return dM.view(I, 4, 4, J, 4, 4).diagonal(dim1=1, dim2=4).sum(-1).permute(0, 2, 1, 3)
+
+
+def build_votes(pf, M, offsets, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centred votes of one chunk and their squares, in the routing layout (no autograd).
+
+    pf (I, G, 16) child poses per slot, M (I, 16, J·16) from ``kron_weights``, offsets (I, 16) or None
+    added to every vote. Returns v, v2 (G, J, I, 16) and the centres (G, J, 16) in ``dtype``.
     """
-    I, J = p.shape[0], w.shape[-1] // 4
-    votes = torch.bmm(p, w).view(I, groups, 4, J, 4).permute(1, 3, 0, 2, 4)  # (G, J, I, 4, 4) view
+    I, G, _ = pf.shape
+    J = M.shape[-1] // 16
+    pf, M = pf.to(dtype), M.to(dtype)
+    # 1. each parent's plain mean vote, one GEMM: (G, I·16) @ (I·16, J·16) / I
+    centre = (pf.transpose(0, 1).reshape(G, I * 16) @ M.reshape(I * 16, J * 16)).div_(I)
     if offsets is not None:
-        votes = votes + offsets.view(1, 1, I, 4, 4)
-    centre = votes.to(dtype).mean(dim=2)  # (G, J, 4, 4)
-    VV = torch.empty(groups, J, I, 32, dtype=dtype, device=p.device)
-    torch.sub(votes, centre[:, :, None], out=VV[..., :16].unflatten(-1, (4, 4)))
-    torch.square(VV[..., :16], out=VV[..., 16:])
-    return VV, centre.flatten(-2)
+        centre += offsets.to(dtype).mean(dim=0).repeat(J)
+    # 2. centred votes, slot-major (I, G, J·16), then the routing layout (G, J, I, 16)
+    votes = torch.baddbmm(-centre, pf, M)
+    if offsets is not None:
+        votes = votes.view(I, G, J, 16).add_(offsets.to(dtype)[:, None, None, :])
+    v = votes.view(I, G, J, 16).permute(1, 2, 0, 3).contiguous()
+    return v, v.square(), centre.view(G, J, 16)
 
 
 class FastEMRouting(torch.autograd.Function):
     """Votes + EM routing with recomputation: saves the inputs, not the votes.
 
-    p (I, G·4, 4), w (I, 4, J·4), offsets (I, 16) or None (no gradient), acts (G, I), beta_u, beta_a (J,).
-    ``config``: (normalize_for(n_images) -> Normalize, groups per image, inverse temperatures,
-    cost_norm, var_floor). Returns poses (G, J, 16) and activation logits (G, J), float32 (or float64).
+    pf (I, G, 16) child poses per slot, W (I, J, 4, 4), offsets (I, 16) or None (no gradient), acts (G, I),
+    beta_u, beta_a (J,). ``config``: (normalize_for(n_images) -> Normalize, groups per image, inverse
+    temperatures, cost_norm, var_floor). Returns poses (G, J, 16) and activation logits (G, J).
     """
 
     @staticmethod
-    def forward(ctx, p, w, offsets, acts, beta_u, beta_a, config):
+    def forward(ctx, pf, W, offsets, acts, beta_u, beta_a, config):
         normalize_for, per_image, lambdas, cost_norm, var_floor = config
-        dtype = routing_dtype(p.dtype)
+        dtype = routing_dtype(pf.dtype)
+        M = kron_weights(W)
         mus, logits = [], []
-        for n0, n1, sl in _chunks(p, w, per_image, dtype):
-            VV, centre = build_vv(p[:, sl], w, offsets, (n1 - n0) * per_image, dtype)
+        for n, rows in _chunks(pf.shape[0], M.shape[-1] // 16, pf.shape[1], per_image, dtype):
+            v, v2, centre = build_votes(pf[:, rows], M, offsets, dtype)
             mu, logit_a = route(
-                VV, acts[sl.start // 4 : sl.stop // 4].to(dtype), beta_u.to(dtype), beta_a.to(dtype),
-                lambdas, cost_norm, var_floor, normalize_for(n1 - n0),
+                v, v2, acts[rows].to(dtype), beta_u.to(dtype), beta_a.to(dtype),
+                lambdas, cost_norm, var_floor, normalize_for(n),
             )  # fmt: skip
-            del VV
+            del v, v2
             mus.append(mu + centre)
             logits.append(logit_a)
-        ctx.save_for_backward(p, w, offsets, acts, beta_u, beta_a)
+        ctx.save_for_backward(pf, W, offsets, acts, beta_u, beta_a)
         ctx.config = config
         return torch.cat(mus), torch.cat(logits)
 
     @staticmethod
     def backward(ctx, d_mu, d_logit):
-        p, w, offsets, acts, beta_u, beta_a = ctx.saved_tensors
+        pf, W, offsets, acts, beta_u, beta_a = ctx.saved_tensors
         normalize_for, per_image, lambdas, cost_norm, var_floor = ctx.config
-        dtype = routing_dtype(p.dtype)
-        I, J = p.shape[0], w.shape[-1] // 4
-        dp, dw = torch.zeros_like(p), torch.zeros_like(w)
+        dtype = routing_dtype(pf.dtype)
+        I, J = W.shape[:2]
+        M = kron_weights(W).to(dtype)
+        dpf, dM = torch.zeros_like(pf), torch.zeros_like(M)
         d_acts, d_bu, d_ba = torch.zeros_like(acts), torch.zeros_like(beta_u), torch.zeros_like(beta_a)
         bu, ba = beta_u.detach().to(dtype).requires_grad_(), beta_a.detach().to(dtype).requires_grad_()
-        for n0, n1, sl in _chunks(p, w, per_image, dtype):
-            G, rows = (n1 - n0) * per_image, slice(sl.start // 4, sl.stop // 4)
-            VV, _ = build_vv(p[:, sl], w, offsets, G, dtype)
-            # 1. replay the routing on the small tensors, VV constant, with a zero leaf on each contraction
+        for n, rows in _chunks(I, J, pf.shape[1], per_image, dtype):
+            v, v2, _ = build_votes(pf[:, rows], M, offsets, dtype)
+            G = v.shape[0]
+            # 1. replay the routing on the small tensors, votes constant, a zero leaf on each contraction
             a = acts[rows].detach().to(dtype).requires_grad_()
             taps = []
             with torch.enable_grad():
-                mu, logit_a = route(
-                    VV, a, bu, ba, lambdas, cost_norm, var_floor, normalize_for(n1 - n0), taps
-                )
-                leaves = [leaf for _, leaf in taps]
+                mu, logit_a = route(v, v2, a, bu, ba, lambdas, cost_norm, var_floor, normalize_for(n), taps)
                 grads = torch.autograd.grad(
-                    (mu, logit_a), [a, bu, ba, *leaves], (d_mu[rows].to(dtype), d_logit[rows].to(dtype)),
-                    allow_unused=True,
+                    (mu, logit_a), [a, bu, ba, *(leaf for *_, leaf in taps)],
+                    (d_mu[rows].to(dtype), d_logit[rows].to(dtype)), allow_unused=True,
                 )  # fmt: skip
             d_acts[rows] = _or_zero(grads[0], a).to(acts.dtype)
             d_bu += _or_zero(grads[1], bu).to(d_bu.dtype)
             d_ba += _or_zero(grads[2], ba).to(d_ba.dtype)
-            # 2. dVV (G·J, I, 32) in one batched matmul: M-steps give R' ⊗ dS, E-steps dlogp ⊗ w
+            # 2. d[v, v²] (G·J, I, 32) as one product: M-steps give R' ⊗ dS, E-steps dlogp ⊗ [w1, w2]
             left, right = [], []
-            for ((kind, coeff), leaf), g in zip(taps, grads[3:]):
+            for (kind, coeff, leaf), g in zip(taps, grads[3:]):
                 g = _or_zero(g, leaf)
-                if kind == "M":  # S = R' VV: coeff R' (GJ, 1, I), g (GJ, 1, 32)
+                if kind == "M":  # S = R' [v, v2]: coeff R' (GJ, 1, I), g (GJ, 1, 32)
                     left.append(coeff.detach().transpose(1, 2))
                     right.append(g)
-                else:  # log p = VV w: coeff w (GJ, 32, 1), g (GJ, I, 1)
+                else:  # log p = [v, v2] w: coeff w (GJ, 32, 1), g (GJ, I, 1)
                     left.append(g)
                     right.append(coeff.detach().transpose(1, 2))
-            dVV = torch.bmm(torch.cat(left, dim=2), torch.cat(right, dim=1)).view(G, J, I, 32)
-            # 3. d(v, v²) -> dv = dVV[:16] + 2 v dVV[16:]; the centres are constants (exact: see above)
-            dv = dVV[..., :16].addcmul_(VV[..., :16], dVV[..., 16:], value=2.0)  # (G, J, I, 16)
-            del VV
-            # 4. through the vote product: votes (I, G·4, J·4) = p w
-            d_votes = dv.unflatten(-1, (4, 4)).permute(2, 0, 3, 1, 4).reshape(I, G * 4, J * 4).to(p.dtype)
-            del dVV, dv
-            dp[:, sl] = torch.bmm(d_votes, w.transpose(1, 2))
-            dw += torch.bmm(p[:, sl].transpose(1, 2), d_votes)
-        return dp, dw, None, d_acts, d_bu, d_ba, None
+            left, right = torch.cat(left, dim=2), torch.cat(right, dim=1)  # (GJ, I, T), (GJ, T, 32)
+            dv = torch.bmm(left, right[..., :16])  # (GJ, I, 16)
+            dv.addcmul_(v.view_as(dv), torch.bmm(left, right[..., 16:]), value=2.0)  # + 2 v d(v²)
+            del v, v2
+            # 3. through the vote product, slot-major: votes (I, G, J·16) = pf M (the centres are
+            #    constants here: exact, as the outputs do not depend on them)
+            d_votes = dv.view(G, J, I, 16).permute(2, 0, 1, 3).reshape(I, G, J * 16).to(pf.dtype)
+            del dv
+            dpf[:, rows] = torch.bmm(d_votes, M.transpose(1, 2).to(pf.dtype))
+            dM += torch.bmm(pf[:, rows].transpose(1, 2), d_votes)
+        return dpf, kron_weights_grad(dM, J).to(W.dtype), None, d_acts, d_bu, d_ba, None
 
 
 def _or_zero(g, like):
     return torch.zeros_like(like) if g is None else g
 
 
-def _chunks(p, w, per_image: int, dtype):
-    """(first image, end image, row slice of p) for chunks of images whose VV is about CHUNK_BYTES."""
-    I, J = p.shape[0], w.shape[-1] // 4
-    n_images = p.shape[1] // (4 * per_image)
-    vv_bytes = per_image * J * I * 32 * torch.finfo(dtype).bits // 8
-    step = max(1, CHUNK_BYTES // max(vv_bytes, 1))
+def _chunks(I: int, J: int, groups: int, per_image: int, dtype):
+    """(images in the chunk, slice of routing groups) for chunks whose votes take about CHUNK_BYTES."""
+    n_images = groups // per_image
+    vote_bytes = per_image * J * I * 32 * torch.finfo(dtype).bits // 8  # v and v² of one image
+    step = max(1, CHUNK_BYTES // max(vote_bytes, 1))
     for n0 in range(0, n_images, step):
         n1 = min(n0 + step, n_images)
-        yield n0, n1, slice(n0 * per_image * 4, n1 * per_image * 4)
+        yield n1 - n0, slice(n0 * per_image, n1 * per_image)
 
 
 def conv_caps(poses, acts, weight, beta_u, beta_a, kernel, stride, competition, **options):
@@ -221,8 +239,7 @@ def conv_caps(poses, acts, weight, beta_u, beta_a, kernel, stride, competition, 
     patches = poses.unfold(1, K, s).unfold(2, K, s)
     Ho, Wo = patches.shape[1:3]
     L = Ho * Wo
-    p = patches.permute(5, 6, 3, 0, 1, 2, 4).reshape(I, N * L * 4, 4)  # slot i = (kh·K + kw)·B + b
-    w = weight.permute(0, 2, 1, 3).reshape(I, 4, C * 4)
+    pf = patches.permute(5, 6, 3, 0, 1, 2, 4).reshape(I, N * L, 16)  # slot i = (kh·K + kw)·B + b
     a = acts.unfold(1, K, s).unfold(2, K, s).permute(0, 1, 2, 4, 5, 3).reshape(N * L, I)  # (G, I)
     if competition == "patch":
 
@@ -237,7 +254,7 @@ def conv_caps(poses, acts, weight, beta_u, beta_a, kernel, stride, competition, 
 
             return normalize
 
-    return _apply(p, w, None, a, beta_u, beta_a, normalize_for, L, **options)
+    return _apply(pf, weight, None, a, beta_u, beta_a, normalize_for, L, **options)
 
 
 def class_caps(poses, acts, weight, offsets, beta_u, beta_a, **options):
@@ -245,15 +262,15 @@ def class_caps(poses, acts, weight, offsets, beta_u, beta_a, **options):
     weight (D, classes, 4, 4) shared over positions, offsets (I, 16) added to every vote.
     Returns poses (N, classes, 16) and activations (N, classes)."""
     N, I = acts.shape
-    D, J = weight.shape[:2]
-    p = poses.permute(1, 0, 2, 3).reshape(I, N * 4, 4)
-    w = weight.permute(0, 2, 1, 3).reshape(D, 4, J * 4).repeat(I // D, 1, 1)  # (I, 4, J·4): tiny
-    return _apply(p, w, offsets, acts, beta_u, beta_a, lambda n: softmax_over_parents, 1, **options)
+    D = weight.shape[0]
+    pf = poses.reshape(N, I, 16).transpose(0, 1).contiguous()  # (I, N, 16)
+    W = weight.repeat(I // D, 1, 1, 1)  # (I, classes, 4, 4): tiny
+    return _apply(pf, W, offsets, acts, beta_u, beta_a, lambda n: softmax_over_parents, 1, **options)
 
 
 def _apply(
-    p,
-    w,
+    pf,
+    W,
     offsets,
     acts,
     beta_u,
@@ -265,23 +282,23 @@ def _apply(
     cost_norm,
     var_floor,
 ):
-    with torch.autocast(device_type=p.device.type, enabled=False):
+    with torch.autocast(device_type=pf.device.type, enabled=False):
         config = (normalize_for, per_image, tuple(inverse_temperatures), cost_norm, var_floor)
-        mu, logit_a = FastEMRouting.apply(p, w, offsets, acts, beta_u, beta_a, config)
+        mu, logit_a = FastEMRouting.apply(pf, W, offsets, acts, beta_u, beta_a, config)
         return mu, torch.sigmoid(logit_a)
 
 
 def route_votes(votes, acts, beta_u, beta_a, *, inverse_temperatures, cost_norm="none", var_floor=1e-4):
-    """The fast path for ready-made votes (G, I, J, 16) in em_routing's layout (tests, one-off use):
-    votes enter as identity "poses" with their 4x4 blocks as weights would, so the same code runs."""
+    """The fast path for ready-made votes (G, I, J, 16) in em_routing's layout (tests, one-off use).
+
+    Each group routes on its own with identity child poses and its votes as the transformations, so the
+    same FastEMRouting code (forward and recomputing backward) runs."""
     G, I, J, _ = votes.shape
-    eye = torch.eye(4, dtype=votes.dtype, device=votes.device)
-    p = eye.expand(I, G, 4, 4).reshape(I, G * 4, 4)  # identity child poses
-    # votes must then be the weights, which are shared over groups: route each group on its own
+    pf = torch.eye(4, dtype=votes.dtype, device=votes.device).reshape(1, 1, 16).expand(I, 1, 16)
     out = [
         _apply(
-            p[:, 4 * g : 4 * g + 4], votes[g].unflatten(-1, (4, 4)).permute(0, 2, 1, 3).reshape(I, 4, J * 4),
-            None, acts[g : g + 1], beta_u, beta_a, lambda n: softmax_over_parents, 1,
+            pf, votes[g].unflatten(-1, (4, 4)), None, acts[g : g + 1], beta_u, beta_a,
+            lambda n: softmax_over_parents, 1,
             inverse_temperatures=inverse_temperatures, cost_norm=cost_norm, var_floor=var_floor,
         )
         for g in range(G)

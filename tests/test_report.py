@@ -155,11 +155,14 @@ def test_fake_study_report_matches_records(store, tmp_path):
     path = report.write_report("fake", out_dir=tmp_path)
     page = parse_page(path)
     assert_embeds_every_figure(tmp_path, page)
+    for name in ("training_curves", "accuracy_vs_eps", "targeted_success_vs_eps", "optuna_history"):
+        assert (tmp_path / f"{name}.png").exists(), name
+    assert (tmp_path / "optuna_importances.png").exists()  # 4 complete trials per model, 2 parameters
     clean = table_rows(page.tables[0])
     assert clean["em_capsnet_small"]["test error"] == "20.0%"
     assert clean["cnn_small"]["test error"] == "25.0%"
     assert clean["cnn_small"]["params"] == "70.0K"
-    assert clean["cnn_small"]["samples/s"] == "102.0"  # median of 101, 102, 103
+    assert clean["cnn_small"]["train samples/s"] == "102.0"  # median of 101, 102, 103
     attacked = table_rows(page.tables[1])
     # worst case over losses: the margin loss (accuracy 0.8 - 0.1 - 0.1 = 0.6 -> error 40%; success 0.2)
     assert attacked["cnn_small"]["FGSM ε=0.1"] == "40.0% / 20.0%"
@@ -183,6 +186,14 @@ def test_paper_reference_rows_only_for_smallnorb(store):
     assert paper.loc["capsule", "novel error (matched)"] == pytest.approx(0.135)
     assert paper.loc["capsule", "FGSM error ε=0.1"] == pytest.approx(0.14)
     assert "FGSM error ε=0.5" not in table  # the study did not attack at 0.5
+    assert len(paper) == 2  # the small capsule net's number is full-data test error only
+
+
+def test_paper_rows_full_data():
+    rows = {r["model"]: r for r in report.paper_rows(["model", "family", "params", "test error"], "none")}
+    assert rows["paper: EM capsules small (A=64,B=8,C=D=16)"]["test error"] == pytest.approx(0.022)
+    assert rows["paper: CNN baseline"]["test error"] == pytest.approx(0.052)
+    assert rows["paper: EM capsules (A=B=C=D=32)"]["params"] == pytest.approx(310e3)
 
 
 def test_missing_stages_still_report(store, tmp_path):
@@ -345,3 +356,26 @@ def test_real_study_report_before_attacks(real_store):
     assert "stage `attack` has not finished" in text
     assert "no attack metrics on the final runs" in text
     assert not (tmp / "before_attack" / "accuracy_vs_eps.png").exists()
+
+
+def test_attack_cells_without_targeted_results():
+    table = pd.DataFrame([{"model": "m", "family": "cnn", "test error": 0.1, "FGSM error ε=0.1": 0.25}])
+    clean, attacked = report.split_summary(table)
+    assert list(clean.columns) == ["model", "family", "test error"]
+    assert attacked.loc[0, "FGSM ε=0.1"] == "25.0%"
+
+
+def test_importances_find_the_parameter_that_matters():
+    rng = np.random.default_rng(0)
+    lr, dropout = rng.uniform(0, 1, 30), rng.uniform(0, 1, 30)
+    trials = pd.DataFrame(
+        {"model": "m", "number": range(30), "state": "COMPLETE", "value": (lr - 0.3) ** 2 + 0.01 * dropout,
+         "params_lr": lr, "params_dropout": dropout, "params_schedule": ["a", "b", "c"] * 10}
+    )  # fmt: skip
+    trials.loc[29, "state"] = "PRUNED"  # only complete trials count
+    imp, notes = report.importances(trials)
+    assert not notes
+    assert set(imp["m"]) == {"lr", "dropout", "schedule"}
+    assert imp["m"]["lr"] > 0.8 and sum(imp["m"].values()) == pytest.approx(1.0)
+    few, notes = report.importances(trials.head(2))
+    assert few == {} and "too few" in notes[0]

@@ -93,6 +93,7 @@ n_warmup_epochs = 1
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("CAPSBENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("CAPSBENCH_REPORTS", str(tmp_path / "reports"))
     monkeypatch.setenv("FAKE_FIT_SLEEP", "0")
     (tmp_path / "fake_fit.py").write_text(FAKE_FIT)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -248,6 +249,16 @@ def test_two_workers_lose_no_trial_and_mlflow_nests_every_trial(env):
     assert "tune       done" in text and "of 4" in text
 
 
+def test_rdb_storage_url_holds_the_trials(env):
+    tmp, study_file = env
+    url = f"sqlite:///{tmp / 'optuna.db'}"
+    cfg = load_study(study_file, ["tune.n_trials=2", "stages=tune"])
+    run_study(cfg, root=tmp / "studies", storage=url, fit="fake_fit:fit")
+    for model in cfg.models:
+        assert len(counted(optuna.load_study(study_name=f"tiny.{model}", storage=url).trials)) == 2
+    assert not (tmp / "studies" / "tiny" / "optuna.journal").exists()
+
+
 def test_killed_study_resumes_without_losing_or_duplicating_anything(env, monkeypatch):
     tmp, study_file = env
     root = tmp / "studies"
@@ -273,6 +284,7 @@ def test_killed_study_resumes_without_losing_or_duplicating_anything(env, monkey
     child.join()
     assert killed_trial is not None, "the child study never reached a running second trial"
     before = len(counted(trials(root, "tiny", model)))
+    assert "tune       running (or interrupted)" in status_text(load_study(study_file), root)
 
     monkeypatch.setenv("FAKE_FIT_SLEEP", "0")
     cfg = load_study(study_file)
@@ -341,6 +353,7 @@ def check_demo(tmp: Path, n_trials: int) -> None:
     assert set(matched["models"]) == {"em_capsnet_small", "cnn_small"}
     cells = (tmp / "studies" / "demo" / "viewpoint" / "cells.csv").read_text().splitlines()
     assert cells[0] == "model,family,epoch,elevation,azimuth,n,errors,error" and len(cells) > 18
+    assert (tmp / "reports" / "demo" / "report.html").is_file()
 
 
 def test_demo_end_to_end_shrunken(env, capsys):

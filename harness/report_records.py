@@ -1,0 +1,247 @@
+"""The records of a study, as the comparison report reads them from MLflow (through harness/tracking.py).
+
+``collect(name) -> StudyRecords``: the study's parent run, its final runs (per-epoch histories and the
+attack metrics logged into them), the Optuna trials, the matched novel-viewpoint protocol and the
+per-(azimuth, elevation) cells; see docs/contracts.md "Tracking" and "Study records". Whatever a stage
+has not recorded yet is noted in ``StudyRecords.missing`` instead of failing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from harness import tracking
+
+STAGES = ["data", "tune", "train", "viewpoint", "attack"]  # the stages before `report`
+_ATTACK_METRIC = re.compile(
+    r"^attack/(?P<attack>\w+)/(?P<loss>\w+)/(?P<kind>acc|targeted_success)_eps_(?P<eps>[0-9.eE+-]+)$"
+)
+
+
+class ReportError(RuntimeError):
+    """A report that cannot be made at all (e.g. no runs for the study); one line, with the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# records: what the report reads from MLflow
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRecord:
+    model: str  # registry name
+    family: str  # capsule | cnn
+    run_id: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    history: pd.DataFrame  # index epoch, one column per metric
+    attacks: pd.DataFrame  # long: model, attack, loss, kind, eps, value
+
+
+@dataclass
+class StudyRecords:
+    name: str
+    parent: dict | None  # run_id, status, params, metrics, tags, experiment_id
+    models: list[ModelRecord]
+    trials: pd.DataFrame  # model, family, number, value, state, params_*
+    matched: dict | None  # viewpoint/matched.json
+    cells: pd.DataFrame | None  # viewpoint/cells.csv
+    study_toml: str | None
+    missing: list[str] = field(default_factory=list)  # plain-words notes of what is not there
+    families: dict[str, str] = field(default_factory=dict)  # model -> capsule | cnn, from every run's tags
+
+    @property
+    def attacks(self) -> pd.DataFrame:
+        frames = [m.attacks for m in self.models if not m.attacks.empty]
+        return pd.concat(frames, ignore_index=True) if frames else _empty_attacks()
+
+    def data_param(self, key: str) -> str:
+        """A run param shared by the final runs (e.g. data.name), else the parent's, else ""."""
+        for m in self.models:
+            if m.params.get(key):
+                return m.params[key]
+        params = (self.parent or {}).get("params", {})
+        return params.get(key) or params.get(f"run.{key}", "")
+
+
+def _empty_attacks() -> pd.DataFrame:
+    return pd.DataFrame(columns=["model", "attack", "loss", "kind", "eps", "value"])
+
+
+def _prefixed(row: pd.Series, prefix: str) -> dict:
+    out = {}
+    for key, value in row.items():
+        if (
+            key.startswith(prefix)
+            and value is not None
+            and not (isinstance(value, float) and math.isnan(value))
+        ):
+            out[key[len(prefix) :]] = value
+    return out
+
+
+def _run_dict(row: pd.Series) -> dict:
+    return {
+        "run_id": row["run_id"],
+        "status": row.get("status", ""),
+        "experiment_id": row.get("experiment_id", ""),
+        "start_time": row.get("start_time"),
+        "params": _prefixed(row, "params."),
+        "metrics": _prefixed(row, "metrics."),
+        "tags": _prefixed(row, "tags."),
+    }
+
+
+def parse_attack_metrics(model: str, metrics: dict[str, float]) -> pd.DataFrame:
+    """``attack/{attack}/{loss}/{acc|targeted_success}_eps_{eps}`` metrics -> a long table.
+
+    When the runs hold no ``worst`` entry for an (attack, kind), it is derived: the lowest
+    accuracy / highest targeted success over the losses present.
+    """
+    rows = []
+    for key, value in metrics.items():
+        m = _ATTACK_METRIC.match(key)
+        if m:
+            rows.append(
+                dict(
+                    model=model,
+                    attack=m["attack"],
+                    loss=m["loss"],
+                    kind=m["kind"],
+                    eps=float(m["eps"]),
+                    value=float(value),
+                )
+            )
+    if not rows:
+        return _empty_attacks()
+    table = pd.DataFrame(rows)
+    derived = []
+    for (attack, kind), group in table.groupby(["attack", "kind"]):
+        if (group["loss"] == "worst").any():
+            continue
+        pick = group.groupby("eps")["value"].min() if kind == "acc" else group.groupby("eps")["value"].max()
+        derived += [
+            dict(model=model, attack=attack, loss="worst", kind=kind, eps=e, value=v) for e, v in pick.items()
+        ]
+    if derived:
+        table = pd.concat([table, pd.DataFrame(derived)], ignore_index=True)
+    return table.sort_values(["attack", "loss", "kind", "eps"], ignore_index=True)
+
+
+def collect(name: str) -> StudyRecords:
+    """Everything the report needs about study ``name``, read from MLflow; missing parts noted."""
+    runs = tracking.search_study_runs(name)
+    if runs.empty:
+        raise ReportError(
+            f"no MLflow runs tagged capsbench.study={name!r} in {tracking.tracking_uri()}; "
+            f"run `make study NAME={name}` first, or point MLFLOW_TRACKING_URI at the store that holds it"
+        )
+    missing: list[str] = []
+    kind = runs.get("tags.capsbench.kind", pd.Series("", index=runs.index)).fillna("")
+    parents = runs[kind == "study"].sort_values("start_time", ascending=False)
+    parent = _run_dict(parents.iloc[0]) if len(parents) else None
+    if parent is None:
+        missing.append("no parent run (capsbench.kind=study): tuning budget and matched protocol are unknown")
+    else:  # keep only the runs of the newest parent, in case an older study of the same name exists
+        parent_ids = runs.get("tags.mlflow.parentRunId", pd.Series("", index=runs.index)).fillna("")
+        runs = runs[
+            (runs["run_id"] == parent["run_id"]) | (parent_ids == parent["run_id"]) | (parent_ids == "")
+        ]
+        kind = kind.loc[runs.index]
+        done = {s for s in STAGES if parent["tags"].get(f"capsbench.stage.{s}") == "done"}
+        for stage in STAGES:
+            if stage not in done:
+                missing.append(f"stage `{stage}` has not finished")
+
+    role = runs.get("tags.capsbench.role", pd.Series("", index=runs.index)).fillna("")
+    finals = runs[(kind == "train") & (role == "final")].sort_values("start_time", ascending=False)
+    chosen = {
+        k.split(".", 2)[2]: v
+        for k, v in (parent or {}).get("tags", {}).items()
+        if k.startswith("capsbench.final.")
+    }
+    models: list[ModelRecord] = []
+    seen: set[str] = set()
+    for _, row in finals.iterrows():
+        run = _run_dict(row)
+        model = run["tags"].get("capsbench.model") or run["params"].get("model.name", "?")
+        if model in seen or (model in chosen and chosen[model] != run["run_id"]):
+            continue
+        seen.add(model)
+        metrics = dict(run["metrics"])
+        attacks = parse_attack_metrics(model, metrics)
+        models.append(
+            ModelRecord(
+                model=model,
+                family=run["tags"].get("capsbench.family", ""),
+                run_id=run["run_id"],
+                status=run["status"],
+                params=run["params"],
+                metrics=metrics,
+                tags=run["tags"],
+                history=tracking.metric_histories(run["run_id"], tracking.EPOCH_METRICS),
+                attacks=attacks,
+            )
+        )
+        if run["status"] != "FINISHED":
+            missing.append(f"the final run of `{model}` ended {run['status']}")
+    models.sort(key=lambda m: (m.family != "capsule", m.model))  # capsules first, then CNNs
+    if not models:
+        missing.append("no final training runs (stage `train`): no summary rows")
+    elif all(m.attacks.empty for m in models):
+        missing.append("no attack metrics on the final runs (stage `attack`)")
+
+    trials = _collect_trials(runs, kind, parent)
+    matched = cells = study_toml = None
+    if parent is not None:
+        text = tracking.read_artifact_text(parent["run_id"], "viewpoint/matched.json")
+        matched = json.loads(text) if text else None
+        text = tracking.read_artifact_text(parent["run_id"], "viewpoint/cells.csv")
+        cells = pd.read_csv(io.StringIO(text)) if text else None
+        study_toml = tracking.read_artifact_text(parent["run_id"], "study.toml")
+    tagged = runs.dropna(subset=[c for c in ("tags.capsbench.model", "tags.capsbench.family") if c in runs])
+    families = dict(zip(tagged.get("tags.capsbench.model", []), tagged.get("tags.capsbench.family", [])))
+    return StudyRecords(name, parent, models, trials, matched, cells, study_toml, missing, families)
+
+
+def _collect_trials(runs: pd.DataFrame, kind: pd.Series, parent: dict | None) -> pd.DataFrame:
+    """Optuna trials per model: the parent's ``tune/<model>_trials.csv`` artifacts, else the trial runs."""
+    frames = []
+    if parent is not None:
+        for path in tracking.list_artifacts(parent["run_id"], "tune"):
+            m = re.match(r"tune/(.+)_trials\.csv$", path)
+            text = tracking.read_artifact_text(parent["run_id"], path) if m else None
+            if text:
+                frame = pd.read_csv(io.StringIO(text))
+                frame.insert(0, "model", m[1])
+                frames.append(frame)
+    if not frames:  # fall back to the nested trial runs themselves
+        rows = []
+        for _, row in runs[kind == "trial"].iterrows():
+            run = _run_dict(row)
+            state = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}.get(
+                run["status"], run["status"]
+            )
+            value = run["metrics"].get("best_val_error", run["metrics"].get("val_error"))
+            rows.append(
+                {
+                    "model": run["tags"].get("capsbench.model", "?"),
+                    "number": int(run["tags"].get("optuna.trial", len(rows))),
+                    "value": value,
+                    "state": state,
+                }
+            )
+        frames = [pd.DataFrame(rows)] if rows else []
+    if not frames:
+        return pd.DataFrame(columns=["model", "number", "value", "state"])
+    trials = pd.concat(frames, ignore_index=True)
+    trials["state"] = trials["state"].astype(str).str.replace("TrialState.", "", regex=False)
+    return trials
