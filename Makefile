@@ -40,7 +40,7 @@ report: setup  ## regenerate a study's report: make report NAME=demo
 demo: setup  ## offline end-to-end demo: small synthnorb, the demo study, its report
 	$(PY) -m harness.study demo $(ARGS)
 	@echo
-	@echo "report:  $(CURDIR)/reports/demo/report.html  (markdown: reports/demo/report.md)"
+	@echo "report:  $${CAPSBENCH_REPORTS:-$(CURDIR)/reports}/demo/report.html  (and report.md beside it)"
 	@echo "runs:    make ui   # then open http://127.0.0.1:5000 (experiment 'demo')"
 
 ui: setup  ## browse runs: mlflow ui on the project's store

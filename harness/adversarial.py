@@ -299,8 +299,8 @@ def eps_sweep(
     attacks = parse_names(attacks, AttackName, "attack")
     losses = parse_names(losses, AttackLoss, "loss")
     eps = parse_eps(eps)
-    if steps < 1:
-        raise AttackError(f"steps must be at least 1, got {steps}")
+    if steps < 1 or batch_size < 1:
+        raise AttackError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
     check_inputs(x, y)
     device = device or next(model.parameters()).device
     model.eval()
@@ -668,6 +668,8 @@ def curves(table: pd.DataFrame, mode: str = "untargeted") -> pd.DataFrame:
 
 __all__ = [
     "EPS_UNITS",
+    "TABLE_COLUMNS",
+    "WORST",
     "AttackError",
     "AttackName",
     "AttackLoss",
@@ -676,8 +678,16 @@ __all__ = [
     "margin_loss",
     "make_attack",
     "set_target_offset",
+    "parse_names",
+    "parse_eps",
     "predict",
+    "adversarial_predictions",
     "eps_sweep",
+    "monotone_flags",
+    "iterative_flags",
+    "input_gradient_stats",
+    "gradient_flags",
+    "unbounded_accuracy",
     "evaluate_attacks",
     "curves",
 ]

@@ -235,13 +235,15 @@ def format_report(report: AttackReport) -> str:
             f"targeted success by eps ({EPS_SHORT}; mean over all target classes != true class):",
             _eps_table(curves(report.table, "targeted")).to_string(float_format=fmt),
         ]
-    lines += ["", format_flags(report.flags)]
+    lines += ["", format_flags(report.flags, report.settings.get("checks", True))]
     lines += [f"  note: {n}" for n in report.checks.get("notes", [])]
     return "\n".join(lines)
 
 
-def format_flags(flags: Sequence[str]) -> str:
+def format_flags(flags: Sequence[str], checked: bool = True) -> str:
     if not flags:
+        if not checked:
+            return "gradient-masking checks: NOT RUN (--no-checks); robustness numbers are unverified"
         return "gradient-masking checks: all passed (no flags)"
     return "\n".join(
         [f"GRADIENT-MASKING FLAGS ({len(flags)}): these numbers may overstate robustness"]
@@ -296,16 +298,20 @@ def plot_report(report: AttackReport, path: str | Path) -> Path:
         ax.legend(fontsize=7)
         ax.set_title(f"{mode}", fontsize=10)
     fig.suptitle(
-        f"{report.model_name or 'model'}: accuracy vs ε ([0,1] pixel units of the model input), "
-        f"clean {report.clean_accuracy:.3f}",
+        f"{report.model_name or 'model'} (clean accuracy {report.clean_accuracy:.3f}, "
+        f"{report.n_examples} examples)\nε: L∞ budget in [0,1] pixel units of the model input",
         fontsize=10,
     )
-    if report.flags:
-        text = f"GRADIENT-MASKING FLAGS ({len(report.flags)}): " + " | ".join(report.flags)
-        fig.text(0.01, 0.01, textwrap.fill(text, 160), color="red", fontsize=7, va="bottom")
-        fig.tight_layout(rect=(0, 0.12, 1, 0.95))
-    else:
-        fig.tight_layout(rect=(0, 0, 1, 0.95))
+    bottom = 0.0
+    if report.flags:  # wrapped to the figure's width (~19 characters per inch at 7 pt), room kept below
+        lines = [f"GRADIENT-MASKING FLAGS ({len(report.flags)}):"]
+        lines += [w for f in report.flags for w in textwrap.wrap(f"! {f}", int(19 * fig.get_figwidth()))]
+        bottom = min(0.45, 0.03 + 0.028 * len(lines))
+        fig.text(0.01, 0.01, "\n".join(lines), color="red", fontsize=7, va="bottom")
+    elif not report.settings.get("checks", True):
+        bottom = 0.05
+        fig.text(0.01, 0.01, "gradient-masking checks not run: unverified", color="gray", fontsize=7)
+    fig.tight_layout(rect=(0, bottom, 1, 0.92))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)

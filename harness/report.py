@@ -121,7 +121,7 @@ def summary_table(records: StudyRecords) -> pd.DataFrame:
                     if value is not None and kind == "acc":
                         value = 1.0 - value
                     row[f"{attack.upper()} {title} ε={eps:g}"] = value
-        row["train time (s)"] = m.metrics.get("train_seconds")
+        row["train time"] = m.metrics.get("train_seconds")
         row["train samples/s"] = float(rate.median()) if len(rate) else None
         rows.append(row)
     if rows and records.data_param("data.name").lower() == "smallnorb":
@@ -182,8 +182,8 @@ def _fmt_cell(col: str, v) -> str:
         return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}K" if v >= 1e3 else f"{v:.0f}"
     if col == "matched epoch":
         return f"{int(v)}"
-    if col == "train time (s)":
-        return f"{float(v):.0f}"
+    if col == "train time":
+        return _duration(v)
     if col == "train samples/s":
         return f"{float(v):.1f}"
     return f"{100 * float(v):.1f}%"
@@ -228,9 +228,9 @@ def heatmap_grids(records: StudyRecords) -> dict[str, dict]:
         epoch = matched.get(model, {}).get("matched_epoch")
         if epoch is None or epoch not in set(group["epoch"]):
             epoch = group["epoch"].max()
-        g = group[group["epoch"] == epoch]
-        table = g.pivot_table(index="elevation", columns="azimuth", values="error", aggfunc="mean")
-        table = table.reindex(index=elevations, columns=azimuths)  # elevations × azimuths
+        g = group[group["epoch"] == epoch].groupby(["elevation", "azimuth"])[["errors", "n"]].sum()
+        table = (g["errors"] / g["n"]).unstack("azimuth")  # elevations × azimuths
+        table = table.reindex(index=elevations, columns=azimuths)
         grids[f"{model} (epoch {int(epoch)})"] = {
             "error": table.to_numpy(dtype=float),
             "elevations": [30 + 5 * int(e) for e in elevations],  # raw codes -> degrees
@@ -327,6 +327,9 @@ def notes(records: StudyRecords) -> list[str]:
             "smallnorb": "the real smallNORB (NYU), 5 categories, test instances unseen in training",
             "synthnorb": "synthnorb, our procedural stand-in for smallNORB (toy objects, same viewpoints and "
             "file format), so the numbers are not comparable to the paper's",
+            "fashion_mnist": "Fashion-MNIST (photos of clothing, 28×28 grey, 10 classes); the paper did not "
+            "use it, so there is no reference row",
+            "mnist": "MNIST (handwritten digits, 28×28 grey, 10 classes)",
         }.get(data.lower(), data)
         out.append(
             f"Data: {what}"
@@ -425,6 +428,16 @@ def tuning_notes(records: StudyRecords) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+WHY_EMPTY = {
+    "training_curves.png": "no final run has per-epoch errors yet (stage `train`)",
+    "accuracy_vs_eps.png": "no attack results yet (stage `attack`)",
+    "targeted_success_vs_eps.png": "no targeted attack results (`attack.targeted` is off, or no attacks yet)",
+    "viewpoint_heatmaps.png": "no per-viewpoint cells (no view split, or stage `viewpoint` has not run)",
+    "optuna_history.png": "no finished Optuna trials (stage `tune`)",
+    "optuna_importances.png": "no importances",
+}
+
+
 def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
     """Save every figure that can be made; (file name, caption) pairs and notes on those that could not."""
     fams = records.families
@@ -481,7 +494,7 @@ def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, 
             skipped.append(f"{filename} could not be made ({type(e).__name__}: {e})")
             continue
         if fig is None:
-            skipped.append(f"{filename}: no data for it yet")
+            skipped.append(f"{filename}: {WHY_EMPTY[filename]}")
             continue
         fig.savefig(out_dir / filename, dpi=90)
         plt.close(fig)

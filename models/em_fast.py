@@ -44,8 +44,7 @@ def softmax_over_parents(logits: torch.Tensor) -> torch.Tensor:
 
 
 def route(
-    v: torch.Tensor,
-    v2: torch.Tensor,
+    VV: torch.Tensor,
     acts: torch.Tensor,
     beta_u: torch.Tensor,
     beta_a: torch.Tensor,
@@ -55,18 +54,18 @@ def route(
     normalize: Normalize = softmax_over_parents,
     taps: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EM routing on centred votes v and their squares v2, both (G, J, I, 16).
+    """EM routing on VV = [v, v²] (G, J, I, 32): centred votes next to their squares.
 
     acts (G, I); ``normalize`` maps E-step logits (G, J, I) to assignments R summing to 1 over each
     child's parents. Returns the centred means (G, J, 16) and the parents' activation logits (G, J).
 
-    With ``taps`` (a list), v and v2 are treated as constants and every contraction with them gets a
+    With ``taps`` (a list), VV is treated as a constant and every contraction with it gets a
     zero leaf added to its output; ``taps`` receives (kind, coefficients, leaf) so that the caller can
-    assemble their gradients from the leaves' gradients (see ``FastEMRouting.backward``).
+    assemble its gradient from the leaves' gradients (see ``FastEMRouting.backward``).
     """
-    G, J, I, _ = v.shape
+    G, J, I, _ = VV.shape
     cost_norm = CostNorm(cost_norm)
-    v, v2 = v.view(G * J, I, 16), v2.view(G * J, I, 16)
+    flat = VV.view(G * J, I, 32)
 
     def tap(out, kind, coeff):
         if taps is None:
@@ -76,13 +75,13 @@ def route(
         return out + leaf
 
     a_in = acts[:, None, :]  # (G, 1, I)
-    R = normalize(v.new_zeros(G, J, I))
+    R = normalize(VV.new_zeros(G, J, I))
     last = len(inverse_temperatures) - 1
     for t, lam in enumerate(inverse_temperatures):
-        # 1. M-step: sum_i R'v and sum_i R'v², one pass over v and v2
+        # 1. M-step: [sum_i R'v, sum_i R'v²] in one pass over VV
         Rp = (R * a_in).view(G * J, 1, I)  # R'_ij
         Rsum = Rp.sum(dim=-1).view(G, J)
-        S = tap(torch.cat([torch.bmm(Rp, v), torch.bmm(Rp, v2)], dim=-1), "M", Rp)  # (G·J, 1, 32)
+        S = tap(torch.bmm(Rp, flat), "M", Rp)  # (G·J, 1, 32)
         moments = S.view(G, J, 32) / safe_divisor(Rsum)[..., None]
         mu = moments[..., :16]  # (G, J, 16)
         var = (moments[..., 16:] - mu.square()).clamp_min(0) + var_floor
@@ -91,10 +90,10 @@ def route(
         logit_a = lam * (beta_a - normalize_cost(cost, cost_norm, I, J))
         if t == last:
             break
-        # 2. E-step: log p_ij = v·(mu/var) + v²·(-1/(2 var)) + const_j, one pass over v and v2
-        w1, w2 = (mu / var).view(G * J, 16, 1), (-0.5 / var).view(G * J, 16, 1)
+        # 2. E-step: log p_ij = [v, v²]·[mu/var, -1/(2 var)] + const_j in one pass over VV
+        w = torch.cat([mu / var, -0.5 / var], dim=-1).view(G * J, 32, 1)
         const = (-0.5 * mu.square() / var - log_sigma).sum(dim=-1) - 8 * _LOG_2PI  # (G, J)
-        log_p = tap(torch.bmm(v, w1) + torch.bmm(v2, w2), "E", torch.cat([w1, w2], dim=1))  # (G·J, I, 1)
+        log_p = tap(torch.bmm(flat, w), "E", w)  # (G·J, I, 1)
         R = normalize(F.logsigmoid(logit_a)[..., None] + log_p.view(G, J, I) + const[..., None])
     return mu, logit_a
 
@@ -115,11 +114,26 @@ def kron_weights_grad(dM: torch.Tensor, J: int) -> torch.Tensor:
     return dM.view(I, 4, 4, J, 4, 4).diagonal(dim1=1, dim2=4).sum(-1).permute(0, 2, 1, 3)
 
 
-def build_votes(pf, M, offsets, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class Workspace:
+    """Reusable buffers for the vote-sized tensors of one layer call: every chunk after the first writes
+    into memory that is already mapped (fresh large allocations cost a page fault per 4 KiB)."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+
+def build_votes(pf, M, offsets, dtype, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Centred votes of one chunk and their squares, in the routing layout (no autograd).
 
     pf (I, G, 16) child poses per slot, M (I, 16, J·16) from ``kron_weights``, offsets (I, 16) or None
-    added to every vote. Returns v, v2 (G, J, I, 16) and the centres (G, J, 16) in ``dtype``.
+    added to every vote. Returns VV (G, J, I, 32) = [v, v²] (a ``ws`` buffer) and the centres (G, J, 16).
     """
     I, G, _ = pf.shape
     J = M.shape[-1] // 16
@@ -129,11 +143,13 @@ def build_votes(pf, M, offsets, dtype) -> tuple[torch.Tensor, torch.Tensor, torc
     if offsets is not None:
         centre += offsets.to(dtype).mean(dim=0).repeat(J)
     # 2. centred votes, slot-major (I, G, J·16), then the routing layout (G, J, I, 16)
-    votes = torch.baddbmm(-centre, pf, M)
+    votes = torch.baddbmm(-centre, pf, M, out=ws.get("votes", (I, G, J * 16), pf)).view(I, G, J, 16)
     if offsets is not None:
-        votes = votes.view(I, G, J, 16).add_(offsets.to(dtype)[:, None, None, :])
-    v = votes.view(I, G, J, 16).permute(1, 2, 0, 3).contiguous()
-    return v, v.square(), centre.view(G, J, 16)
+        votes.add_(offsets.to(dtype)[:, None, None, :])
+    VV = ws.get("VV", (G, J, I, 32), pf)
+    VV[..., :16].copy_(votes.permute(1, 2, 0, 3))
+    torch.square(VV[..., :16], out=VV[..., 16:])
+    return VV, centre.view(G, J, 16)
 
 
 class FastEMRouting(torch.autograd.Function):
@@ -149,14 +165,13 @@ class FastEMRouting(torch.autograd.Function):
         normalize_for, per_image, lambdas, cost_norm, var_floor = config
         dtype = routing_dtype(pf.dtype)
         M = kron_weights(W)
-        mus, logits = [], []
+        mus, logits, ws = [], [], Workspace()
         for n, rows in _chunks(pf.shape[0], M.shape[-1] // 16, pf.shape[1], per_image, dtype):
-            v, v2, centre = build_votes(pf[:, rows], M, offsets, dtype)
+            VV, centre = build_votes(pf[:, rows], M, offsets, dtype, ws)
             mu, logit_a = route(
-                v, v2, acts[rows].to(dtype), beta_u.to(dtype), beta_a.to(dtype),
+                VV, acts[rows].to(dtype), beta_u.to(dtype), beta_a.to(dtype),
                 lambdas, cost_norm, var_floor, normalize_for(n),
             )  # fmt: skip
-            del v, v2
             mus.append(mu + centre)
             logits.append(logit_a)
         ctx.save_for_backward(pf, W, offsets, acts, beta_u, beta_a)
@@ -173,14 +188,15 @@ class FastEMRouting(torch.autograd.Function):
         dpf, dM = torch.zeros_like(pf), torch.zeros_like(M)
         d_acts, d_bu, d_ba = torch.zeros_like(acts), torch.zeros_like(beta_u), torch.zeros_like(beta_a)
         bu, ba = beta_u.detach().to(dtype).requires_grad_(), beta_a.detach().to(dtype).requires_grad_()
+        ws = Workspace()
         for n, rows in _chunks(I, J, pf.shape[1], per_image, dtype):
-            v, v2, _ = build_votes(pf[:, rows], M, offsets, dtype)
-            G = v.shape[0]
+            VV, _ = build_votes(pf[:, rows], M, offsets, dtype, ws)
+            G = VV.shape[0]
             # 1. replay the routing on the small tensors, votes constant, a zero leaf on each contraction
             a = acts[rows].detach().to(dtype).requires_grad_()
             taps = []
             with torch.enable_grad():
-                mu, logit_a = route(v, v2, a, bu, ba, lambdas, cost_norm, var_floor, normalize_for(n), taps)
+                mu, logit_a = route(VV, a, bu, ba, lambdas, cost_norm, var_floor, normalize_for(n), taps)
                 grads = torch.autograd.grad(
                     (mu, logit_a), [a, bu, ba, *(leaf for *_, leaf in taps)],
                     (d_mu[rows].to(dtype), d_logit[rows].to(dtype)), allow_unused=True,
@@ -188,24 +204,23 @@ class FastEMRouting(torch.autograd.Function):
             d_acts[rows] = _or_zero(grads[0], a).to(acts.dtype)
             d_bu += _or_zero(grads[1], bu).to(d_bu.dtype)
             d_ba += _or_zero(grads[2], ba).to(d_ba.dtype)
-            # 2. d[v, v²] (G·J, I, 32) as one product: M-steps give R' ⊗ dS, E-steps dlogp ⊗ [w1, w2]
+            # 2. dVV (G·J, I, 32) as one product: M-steps give R' ⊗ dS, E-steps dlogp ⊗ w
             left, right = [], []
             for (kind, coeff, leaf), g in zip(taps, grads[3:]):
                 g = _or_zero(g, leaf)
-                if kind == "M":  # S = R' [v, v2]: coeff R' (GJ, 1, I), g (GJ, 1, 32)
+                if kind == "M":  # S = R' VV: coeff R' (GJ, 1, I), g (GJ, 1, 32)
                     left.append(coeff.detach().transpose(1, 2))
                     right.append(g)
-                else:  # log p = [v, v2] w: coeff w (GJ, 32, 1), g (GJ, I, 1)
+                else:  # log p = VV w: coeff w (GJ, 32, 1), g (GJ, I, 1)
                     left.append(g)
                     right.append(coeff.detach().transpose(1, 2))
             left, right = torch.cat(left, dim=2), torch.cat(right, dim=1)  # (GJ, I, T), (GJ, T, 32)
-            dv = torch.bmm(left, right[..., :16])  # (GJ, I, 16)
-            dv.addcmul_(v.view_as(dv), torch.bmm(left, right[..., 16:]), value=2.0)  # + 2 v d(v²)
-            del v, v2
+            dVV = torch.bmm(left, right, out=ws.get("dVV", (G * J, I, 32), VV))
+            dv = dVV[..., :16].addcmul_(VV.view_as(dVV)[..., :16], dVV[..., 16:], value=2.0)  # d(v²)/dv = 2v
             # 3. through the vote product, slot-major: votes (I, G, J·16) = pf M (the centres are
             #    constants here: exact, as the outputs do not depend on them)
-            d_votes = dv.view(G, J, I, 16).permute(2, 0, 1, 3).reshape(I, G, J * 16).to(pf.dtype)
-            del dv
+            d_votes = ws.get("votes", (I, G, J, 16), VV).copy_(dv.view(G, J, I, 16).permute(2, 0, 1, 3))
+            d_votes = d_votes.view(I, G, J * 16).to(pf.dtype)
             dpf[:, rows] = torch.bmm(d_votes, M.transpose(1, 2).to(pf.dtype))
             dM += torch.bmm(pf[:, rows].transpose(1, 2), d_votes)
         return dpf, kron_weights_grad(dM, J).to(W.dtype), None, d_acts, d_bu, d_ba, None

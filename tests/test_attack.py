@@ -26,6 +26,8 @@ from harness.adversarial import (
     curves,
     eps_sweep,
     evaluate_attacks,
+    gradient_flags,
+    input_gradient_stats,
     iterative_flags,
     make_attack,
     margin_loss,
@@ -259,6 +261,24 @@ def test_masking_check_fires_on_zero_gradients(trained):
     assert r.checks["unbounded_accuracy"] > 0.9
 
 
+def test_nonfinite_gradients_are_flagged(trained):
+    model, x, y = trained
+
+    class NanGrad(nn.Module):  # same outputs, but d sqrt(u)/du at u = 0 is inf, and 0 * inf = NaN
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(x) + 0 * torch.sqrt(x - x.detach()).sum()
+
+    stats = input_gradient_stats(NanGrad(), x[:8], y[:8], ["ce", "margin"])
+    assert stats["margin"] == {"zero_fraction": 0.0, "nonfinite_fraction": 1.0}
+    flags = gradient_flags(stats, max_zero_fraction=0.05)
+    assert [f.split(":")[0] for f in flags] == ["nonfinite-gradient", "nonfinite-gradient"]
+    assert gradient_flags(input_gradient_stats(model, x[:8], y[:8], ["ce"]), 0.05) == []
+
+
 def test_monotone_and_iterative_checks_on_tables():
     cols = ["attack", "loss", "mode", "eps", "accuracy", "targeted_success"]
     rows = [
@@ -428,6 +448,7 @@ def test_study_mode_and_bad_input(tracked_run, capsys):
     reports = attack_cli.attack_study(STUDY, attacks=["fgsm"], eps=[0, 0.1], losses=["ce"], targeted=False,
                                       n_examples=20, checks=False, log=False, progress=False)  # fmt: skip
     assert [r.run_id for r in reports] == [tracked_run] and reports[0].flags == []
+    assert "checks: NOT RUN" in attack_cli.format_report(reports[0])
     assert attack_cli.main(["--study", "no_such_study", "--no-log"]) == 2
     assert "study 'no_such_study' has no runs" in capsys.readouterr().err
     assert attack_cli.main(["--run-id", tracked_run, "--eps", "0,2", "--no-log"]) == 2

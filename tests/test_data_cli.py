@@ -51,6 +51,7 @@ def test_synth_verify_preview(tmp_path, capsys):
     png = tmp_path / "p.png"
     assert main(["preview", "synthnorb", "--out", str(png), *args]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["preview", "synthnorb", "--split", "train", "--out", str(png), *args]) == 0
     assert main(["preview", "synthnorb", "--lighting", "4", "--out", str(png), *args]) == 2
     assert "lighting code 4 is not in synthnorb/test" in capsys.readouterr().err
     (root / sn.file_name("train", "cat")).write_bytes(b"broken")

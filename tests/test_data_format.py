@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from harness.data import DataError
+from harness.data import norb_format as fmt
 from harness.data import smallnorb as sn
 
 DTYPES = ["uint8", "int32", "float32", "float64", "int16"]
@@ -28,21 +29,21 @@ def _sample(dtype: str, shape) -> np.ndarray:
 def test_round_trip(tmp_path, dtype, shape, suffix):
     a = _sample(dtype, shape)
     path = tmp_path / f"m{suffix}"
-    sn.write_matrix(path, a)
-    b = sn.read_matrix(path)
+    fmt.write_matrix(path, a)
+    b = fmt.read_matrix(path)
     assert b.dtype == np.dtype(dtype) and b.shape == shape
     np.testing.assert_array_equal(b, a)
-    assert sn.read_header(path) == (np.dtype(dtype), shape)
+    assert fmt.read_header(path) == (np.dtype(dtype), shape)
     if suffix == ".mat":  # plain files are memory-mapped
         assert isinstance(b, np.memmap)
-    chunks = list(sn.iter_matrix_rows(path, 2))
+    chunks = list(fmt.iter_matrix_rows(path, 2))
     np.testing.assert_array_equal(np.concatenate(chunks), a)
 
 
 def test_header_layout(tmp_path):
     # ndim 1 still writes 3 dims, unused ones are 1 (as smallNORB's cat files)
     path = tmp_path / "cat.mat"
-    sn.write_matrix(path, np.arange(6, dtype=np.int32))
+    fmt.write_matrix(path, np.arange(6, dtype=np.int32))
     words = np.fromfile(path, "<i4")
     assert words[:5].tolist() == [0x1E3D4C54, 1, 6, 1, 1]
     assert words[5:].tolist() == list(range(6))
@@ -51,16 +52,16 @@ def test_header_layout(tmp_path):
 def test_compression_follows_the_name(tmp_path):
     a = _sample("int16", (3, 2))
     for name, gz in [("a.mat.gz", True), ("a.mat.gz.tmp", True), ("a.mat", False), ("a.mat.tmp", False)]:
-        sn.write_matrix(tmp_path / name, a)
+        fmt.write_matrix(tmp_path / name, a)
         assert ((tmp_path / name).read_bytes()[:2] == b"\x1f\x8b") == gz
-    sn.write_matrix(tmp_path / "b.mat", a, compress=True)
+    fmt.write_matrix(tmp_path / "b.mat", a, compress=True)
     assert gzip.decompress((tmp_path / "b.mat").read_bytes())[:4] == (0x1E3D4C56).to_bytes(4, "little")
 
 
 def test_gzip_is_deterministic(tmp_path):
     a = _sample("uint8", (10, 4))
-    sn.write_matrix(tmp_path / "a.mat.gz", a)
-    sn.write_matrix(tmp_path / "b.mat.gz", a)
+    fmt.write_matrix(tmp_path / "a.mat.gz", a)
+    fmt.write_matrix(tmp_path / "b.mat.gz", a)
     assert (tmp_path / "a.mat.gz").read_bytes() == (tmp_path / "b.mat.gz").read_bytes()
 
 
@@ -72,7 +73,7 @@ def test_golden_label_files(tmp_path):
     md5 = [hashlib.md5(gzip.decompress(p.read_bytes())).hexdigest() for p in paths]
     assert md5 == [sn.UNCOMPRESSED_MD5["cat"], sn.UNCOMPRESSED_MD5["testing-info"]]
     cat_train, _ = sn.norb_labels(sn.INSTANCES["train"])
-    sn.write_matrix(tmp_path / "train-cat.mat", cat_train)
+    fmt.write_matrix(tmp_path / "train-cat.mat", cat_train)
     assert hashlib.md5((tmp_path / "train-cat.mat").read_bytes()).hexdigest() == sn.UNCOMPRESSED_MD5["cat"]
 
 
@@ -89,7 +90,7 @@ def test_record_order():
 
 def _good(tmp_path, suffix=".mat"):
     path = tmp_path / f"x{suffix}"
-    sn.write_matrix(path, _sample("int32", (6, 4)))
+    fmt.write_matrix(path, _sample("int32", (6, 4)))
     return path
 
 
@@ -100,7 +101,7 @@ def test_wrong_magic(tmp_path, suffix):
     raw[0:4] = (0x12345678).to_bytes(4, "little")
     path.write_bytes(gzip.compress(bytes(raw)) if suffix.endswith("gz") else bytes(raw))
     with pytest.raises(DataError, match=r"x\.mat.*wrong magic 0x12345678.*re-download"):
-        sn.read_matrix(path)
+        fmt.read_matrix(path)
 
 
 @pytest.mark.parametrize("suffix", [".mat", ".mat.gz"])
@@ -110,23 +111,23 @@ def test_truncated_data(tmp_path, suffix):
     cut = raw[:-5]
     path.write_bytes(gzip.compress(cut) if suffix.endswith("gz") else cut)
     with pytest.raises(DataError, match="truncated"):
-        sn.read_matrix(path)
+        fmt.read_matrix(path)
     with pytest.raises(DataError, match="truncated"):
-        list(sn.iter_matrix_rows(path, 4))
+        list(fmt.iter_matrix_rows(path, 4))
 
 
 def test_truncated_header(tmp_path):
     path = tmp_path / "h.mat"
     path.write_bytes(np.array([0x1E3D4C55, 4, 10], "<i4").tobytes())
     with pytest.raises(DataError, match="truncated.*header dims"):
-        sn.read_matrix(path)
+        fmt.read_matrix(path)
 
 
 def test_truncated_gzip_stream(tmp_path):
     path = _good(tmp_path, ".mat.gz")
     path.write_bytes(path.read_bytes()[:-12])  # cut the gzip trailer and some data
     with pytest.raises(DataError, match="x.mat.gz.*(corrupted gzip|truncated)"):
-        sn.read_matrix(path)
+        fmt.read_matrix(path)
 
 
 @pytest.mark.parametrize("suffix", [".mat", ".mat.gz"])
@@ -136,24 +137,24 @@ def test_shape_does_not_match_data(tmp_path, suffix):
     raw = raw + b"\0" * 16  # one more record than the header says
     path.write_bytes(gzip.compress(raw) if suffix.endswith("gz") else raw)
     with pytest.raises(DataError, match="does not match"):
-        sn.read_matrix(path)
+        fmt.read_matrix(path)
 
 
 def test_bad_ndim(tmp_path):
     path = tmp_path / "n.mat"
     path.write_bytes(np.array([0x1E3D4C55, 40, 1, 1, 1], "<i4").tobytes())
     with pytest.raises(DataError, match="ndim=40"):
-        sn.read_matrix(path)
+        fmt.read_matrix(path)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        sn.read_matrix(tmp_path / "nope.mat")
+        fmt.read_matrix(tmp_path / "nope.mat")
 
 
 def test_writer_checks_record_count(tmp_path):
     with pytest.raises(ValueError, match="wrote 1 records, the header declares 2"):
-        with sn.MatrixWriter(tmp_path / "w.mat", np.uint8, (2, 3)) as w:
+        with fmt.MatrixWriter(tmp_path / "w.mat", np.uint8, (2, 3)) as w:
             w.write(np.zeros((1, 3), np.uint8))
 
 
@@ -161,7 +162,7 @@ def test_checksum_mismatch(tmp_path):
     """load_part checks sha256s against the expected table and names the file and the fix."""
     cat, info = sn.norb_labels((0,), (0,), sn.AZIMUTHS, (0,))
     sn.write_labels(tmp_path, "test", cat, info)
-    sn.write_matrix(tmp_path / sn.file_name("test", "dat"), np.zeros((len(cat), 2, 32, 32), np.uint8))
+    fmt.write_matrix(tmp_path / sn.file_name("test", "dat"), np.zeros((len(cat), 2, 32, 32), np.uint8))
     part = sn.load_part(tmp_path, "test", fix="FIX", progress=False)
     assert part.images.shape == (90, 2, 32, 32)
     name = sn.file_name("test", "cat")
@@ -172,6 +173,6 @@ def test_checksum_mismatch(tmp_path):
 def test_files_disagree(tmp_path):
     cat, info = sn.norb_labels((0,), (0,), sn.AZIMUTHS, (0,))
     sn.write_labels(tmp_path, "test", cat, info)
-    sn.write_matrix(tmp_path / sn.file_name("test", "dat"), np.zeros((len(cat) - 1, 2, 32, 32), np.uint8))
+    fmt.write_matrix(tmp_path / sn.file_name("test", "dat"), np.zeros((len(cat) - 1, 2, 32, 32), np.uint8))
     with pytest.raises(DataError, match="dat has 89 records"):
         sn.load_part(tmp_path, "test", fix="FIX", progress=False)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness.data import DataError, dataset_folder, familiar_mask, get_dataset, list_datasets
+from harness.data import norb_format as fmt
 from harness.data import smallnorb as sn
 from harness.data import synthnorb as syn
 
@@ -130,7 +131,7 @@ def test_cache_is_rebuilt_when_the_source_changes(tmp_path):
     rng = np.random.default_rng(0)
     for _ in range(2):
         dat = rng.integers(0, 256, (len(cat), 2, 96, 96), dtype=np.uint8)
-        sn.write_matrix(dat_path, dat)
+        fmt.write_matrix(dat_path, dat)
         part = sn.load_part(tmp_path, "test", fix="FIX", progress=False)
         ref = np.round(
             dat.astype(np.float64).reshape(-1, 2, 48, 2, 48, 2).mean(axis=(3, 5))
@@ -139,3 +140,11 @@ def test_cache_is_rebuilt_when_the_source_changes(tmp_path):
         assert part.identity[dat_path.name] == sn.sha256_file(dat_path)
     assert (tmp_path / "cache" / f"{sn.PREFIX['test']}-dat-48.npy").is_file()
     assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_smallnorb_files_must_match_the_published_checksums(tmp_path):
+    cat, info = sn.norb_labels((0,), (0,), sn.AZIMUTHS, (0,))
+    sn.write_labels(tmp_path, "test", cat, info)
+    fmt.write_matrix(tmp_path / sn.file_name("test", "dat"), np.zeros((len(cat), 2, 96, 96), np.uint8))
+    with pytest.raises(DataError, match=r"sha256 .* does not match .*download smallnorb --root .* --force"):
+        get_dataset("smallnorb", "test", root=tmp_path, progress=False)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.data import DataError, get_dataset
+from harness.data import DataError, get_dataset, render
+from harness.data import norb_format as fmt
 from harness.data import smallnorb as sn
 from harness.data import synthnorb as syn
 
@@ -61,20 +62,20 @@ def test_small_set_keeps_record_order(tiny):
     f = syn.factors(lightings=2, elevations=2, instances=1)
     assert f["elevations"] == (0, 8) and f["lightings"] == (0, 5)  # spread over the full range
     for part in ("train", "test"):
-        info = sn.read_matrix(root / sn.file_name(part, "info"))
-        cat = sn.read_matrix(root / sn.file_name(part, "cat"))
+        info = fmt.read_matrix(root / sn.file_name(part, "info"))
+        cat = fmt.read_matrix(root / sn.file_name(part, "cat"))
         want_cat, want_info = sn.norb_labels(
             f[f"{part}_instances"], f["elevations"], sn.AZIMUTHS, f["lightings"]
         )
         np.testing.assert_array_equal(info, want_info)
         np.testing.assert_array_equal(cat, want_cat)
-        assert sn.read_header(root / sn.file_name(part, "dat")) == (np.dtype("u1"), (len(cat), 2, 32, 32))
+        assert fmt.read_header(root / sn.file_name(part, "dat")) == (np.dtype("u1"), (len(cat), 2, 32, 32))
 
 
 def test_images_show_objects_in_stereo(tiny):
     root, _ = tiny
-    dat = np.asarray(sn.read_matrix(root / sn.file_name("test", "dat")))  # N×2×32×32
-    background = round(syn.BACKGROUND * 255)
+    dat = np.asarray(fmt.read_matrix(root / sn.file_name("test", "dat")))  # N×2×32×32
+    background = round(render.BACKGROUND * 255)
     assert (dat[:, :, 0, 0] == background).all()  # corners are background
     object_fraction = (dat != background).mean(axis=(2, 3))  # N×2
     assert object_fraction.min() > 0.02, "every view shows the object"
@@ -99,7 +100,7 @@ def test_tampered_file_is_detected(tiny, tmp_path):
     cat, bad = sn.norb_labels((0,), (0, 8), sn.AZIMUTHS, (0, 5))
     bad = bad.copy()
     bad[0, 1] = 3
-    sn.write_matrix(info, bad)
+    fmt.write_matrix(info, bad)
     assert syn.verify(copy)[info.name].startswith("sha256")
     with pytest.raises(DataError, match=r"testing-info.*does not match.*regenerate it"):
         get_dataset("synthnorb", "test", root=copy, progress=False)
@@ -116,25 +117,25 @@ def test_option_errors(tmp_path):
 
 
 def _inside(kind: int, p: np.ndarray) -> np.ndarray:
-    if kind == syn.SPHERE:
+    if kind == render.SPHERE:
         return (p**2).sum(-1) <= 1
-    if kind == syn.BOX:
+    if kind == render.BOX:
         return (np.abs(p) <= 1).all(-1)
     return ((p[..., :2] ** 2).sum(-1) <= 1) & (np.abs(p[..., 2]) <= 1)
 
 
-@pytest.mark.parametrize("kind", [syn.SPHERE, syn.BOX, syn.CYLINDER])
+@pytest.mark.parametrize("kind", [render.SPHERE, render.BOX, render.CYLINDER])
 def test_intersection_matches_float64_marching(kind):
     r = np.random.default_rng(kind)
-    rot = syn._rot("x", 0.7) @ syn._rot("y", -0.4) @ syn._rot("z", 1.1)
-    prim = syn.Prim(kind, np.array([0.2, -0.1, 0.3]), np.array([0.8, 0.5, 0.6]), rot, 0.5)
+    rot = render.rotation("x", 0.7) @ render.rotation("y", -0.4) @ render.rotation("z", 1.1)
+    prim = render.Prim(kind, np.array([0.2, -0.1, 0.3]), np.array([0.8, 0.5, 0.6]), rot, 0.5)
     origin = np.array([0.3, 0.8, 4.0])
     target = r.uniform(-1.0, 1.0, size=(300, 3))  # rays through points around the primitive
     d = target - origin
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     o_t = [torch.tensor([[origin[k]]], dtype=torch.float32) for k in range(3)]
     d_t = [torch.tensor(d[None, :, k], dtype=torch.float32) for k in range(3)]
-    t, normal = syn._intersect(prim, o_t, d_t)
+    t, normal = render._intersect(prim, o_t, d_t)
     t = t[0].double().numpy()
     # reference: march in float64 and find the first point inside, in the primitive's local frame
     steps = np.arange(2.0, 7.0, 1e-3)
@@ -153,10 +154,10 @@ def test_intersection_matches_float64_marching(kind):
 
 
 def test_camera_geometry():
-    origins, basis = syn._cameras(np.array([30.0, 70.0]), np.array([0.0, math.pi / 2]))
+    origins, basis = render._cameras(np.array([30.0, 70.0]), np.array([0.0, math.pi / 2]))
     assert origins.shape == (8, 3) and basis.shape == (8, 3, 3)
     left, right = origins[0], origins[1]
-    assert np.isclose(np.linalg.norm(right - left), syn.STEREO_BASELINE)
+    assert np.isclose(np.linalg.norm(right - left), render.STEREO_BASELINE)
     mid = (left + right) / 2
     assert np.isclose(np.degrees(np.arcsin(mid[1] / np.linalg.norm(mid))), 30.0)
     for b in basis:

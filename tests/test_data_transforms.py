@@ -99,3 +99,16 @@ def test_select():
     ds = _dataset()
     sub = ds.select([4, 2])
     assert len(sub) == 2 and sub.meta.azimuth.tolist() == [8, 4] and torch.equal(sub.images[0], ds.images[4])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_iterate_on_cuda():
+    ds = _dataset()
+    a = list(iterate(ds, 16, shuffle=True, train=True, seed=0, device="cuda"))
+    b = list(iterate(ds, 16, shuffle=True, train=True, seed=0, device="cuda"))
+    assert a[0][0].device.type == "cuda" and a[0][1].device.type == "cuda" and a[0][2].device.type == "cpu"
+    assert all(torch.equal(xa, xb) for (xa, _, _), (xb, _, _) in zip(a, b))
+    x_gpu, _, _ = next(iterate(ds, 50, shuffle=False, train=False, seed=0, device="cuda"))
+    x_cpu, _, _ = next(iterate(ds, 50, shuffle=False, train=False, seed=0, device="cpu"))
+    assert torch.equal(x_gpu.cpu(), x_cpu)

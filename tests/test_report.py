@@ -40,15 +40,20 @@ def store(tmp_path_factory):
 
 
 class _Page(html.parser.HTMLParser):
-    """Collects <img src> values and the cells of every <table>."""
+    """Collects <img src> values and the cells of every <table>; checks that tags nest and close."""
+
+    VOID = {"img", "meta", "br", "hr", "link", "input"}
 
     def __init__(self):
         super().__init__()
         self.images: list[str] = []
         self.tables: list[list[list[str]]] = []
         self._cell: list[str] | None = None
+        self.open: list[str] = []
 
     def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.open.append(tag)
         if tag == "img":
             self.images.append(dict(attrs)["src"])
         elif tag == "table":
@@ -59,6 +64,8 @@ class _Page(html.parser.HTMLParser):
             self._cell = []
 
     def handle_endtag(self, tag):
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes <{self.open[-1] if self.open else None}>"
+        self.open.pop()
         if tag in ("td", "th") and self._cell is not None:
             self.tables[-1][-1].append("".join(self._cell).strip())
             self._cell = None
@@ -70,8 +77,11 @@ class _Page(html.parser.HTMLParser):
 
 def parse_page(path) -> _Page:
     page = _Page()
-    page.feed(path.read_text())
+    text = path.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    page.feed(text)
     page.close()
+    assert page.open == [], f"unclosed tags: {page.open}"
     return page
 
 

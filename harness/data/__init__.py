@@ -169,15 +169,10 @@ def get_dataset(
                 f"{name} has no viewpoint metadata, so view={v.value!r} is not possible; use view=None"
             )
         familiar = familiar_mask(part.meta, v)
-        keep = (
-            ~familiar
-            if subset is Subset.NOVEL
-            else familiar
-            if (subset is Subset.FAMILIAR or split is not Split.TEST)
-            else None
-        )
-        if keep is not None:
-            rows = rows[keep[rows]]
+        if subset is Subset.NOVEL:
+            rows = rows[~familiar[rows]]
+        elif subset is Subset.FAMILIAR or split is not Split.TEST:  # train/val: familiar views only
+            rows = rows[familiar[rows]]
     images = part.images[rows, :channels] if len(rows) else part.images[:0, :channels]
     images = (
         torch.from_numpy(np.ascontiguousarray(images))

@@ -33,9 +33,8 @@ def preview(
     """
     if get_spec(name).channels != 2:
         raise DataError(f"preview draws smallNORB-format (stereo) datasets; {name} is not one")
-    ds = get_dataset(
-        name, split, root=root, channels=2, val_fraction=0.1 if split != "test" else 0.0, progress=progress
-    )
+    # val_fraction=0: "train" shows every record of the training files
+    ds = get_dataset(name, split, root=root, channels=2, val_fraction=0.0, progress=progress)
     meta = ds.meta
     pick = {}
     for col, val in (("instance", instance), ("elevation", elevation), ("lighting", lighting)):
@@ -70,7 +69,7 @@ def preview(
         [f"{ds.classes[i // 2]} {'LR'[i % 2]}" for i in range(2 * ncat)],
         fontsize=8,
     )
-    ax.set_xlabel("azimuth (raw code × 10; 0° faces differently per instance)")
+    ax.set_xlabel("azimuth (raw code × 10)")
     ax.set_title(
         f"{name} {split}: instance {pick['instance']}, elevation {30 + 5 * pick['elevation']}°, "
         f"lighting {pick['lighting']} ({S}×{S}, L/R camera)",
