@@ -1,4 +1,4 @@
-"""Training and inference throughput and peak memory of registered models, fast routing vs the plain reference.
+"""Training/inference throughput and peak memory of registered models: fast routing vs the plain reference.
 
     python -m harness.bench                                       # the issue-4 targets (below), CPU
     python -m harness.bench --models em_capsnet_small@32 --competition patch --threads 2
@@ -115,20 +115,22 @@ def run_spec(spec: BenchSpec, progress: bool = False) -> dict:
             net(x)
 
     def timed(step, n_warm, n_timed, what):
-        times = []
-        for k in tqdm(range(n_warm + n_timed), desc=what, leave=False, disable=not progress):
+        """(warm-up wall times, timed wall times, timed process CPU times) in seconds."""
+        wall, cpu = [], []
+        for _ in tqdm(range(n_warm + n_timed), desc=what, leave=False, disable=not progress):
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             _sync(device)
-            times.append(time.perf_counter() - t0)
-        return times[:n_warm], times[n_warm:]
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        return wall[:n_warm], wall[n_warm:], cpu[n_warm:]
 
     model.train()
-    warm, train_times = timed(train_step, spec.warmup, spec.steps, "train")
+    warm, train_times, train_cpu = timed(train_step, spec.warmup, spec.steps, "train")
     train_peak = _peak_memory_mb(device)
     model.eval()
-    _, infer_times = timed(infer_step, 1, spec.steps, "infer")
+    _, infer_times, _ = timed(infer_step, 1, spec.steps, "infer")
     train_sps = spec.batch / statistics.median(train_times)
     return dict(
         asdict(spec),
@@ -136,6 +138,7 @@ def run_spec(spec: BenchSpec, progress: bool = False) -> dict:
         n_params=sum(p.numel() for p in model.parameters()),
         train_samples_per_s=train_sps,
         train_step_s=statistics.median(train_times),
+        train_cpu_s=statistics.median(train_cpu),  # process CPU time per step: robust on a busy machine
         first_step_s=warm[0] if warm else None,
         infer_samples_per_s=spec.batch / statistics.median(infer_times),
         peak_memory_mb=train_peak,
@@ -170,6 +173,7 @@ def add_ratios(records: list[dict]) -> None:
         if ref is None or "error" in r:
             continue
         r["speedup"] = r["train_samples_per_s"] / ref["train_samples_per_s"]
+        r["cpu_speedup"] = ref["train_cpu_s"] / r["train_cpu_s"]
         r["infer_speedup"] = r["infer_samples_per_s"] / ref["infer_samples_per_s"]
         r["memory_fraction"] = r["peak_memory_mb"] / ref["peak_memory_mb"]
     # global competition's cost relative to patch, same model/batch/routing
@@ -184,22 +188,28 @@ def add_ratios(records: list[dict]) -> None:
             r["global_over_patch"] = p["train_samples_per_s"] / r["train_samples_per_s"]
 
 
+def _ratio(record: dict, key: str, fmt: str) -> str:
+    return format(record[key], fmt) if key in record else "-"
+
+
 def format_table(records: list[dict]) -> str:
+    """One row per configuration; speed-ups (wall and CPU time) and memory fraction vs the reference."""
     head = (
         f"{'model':<18}{'batch':>6} {'compet.':<8}{'routing':<10}{'train/s':>9}{'infer/s':>9}{'peak MB':>9}"
-        f"{'speedup':>9}{'mem frac':>9}{'epoch min':>10}"
+        f"{'speedup':>9}{'cpu-time':>9}{'mem frac':>9}{'epoch min':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in records:
-        left = f"{r['model']:<18}{r['batch']:>6} {r.get('competition') or '-':<8}{r.get('routing') or '-':<10}"
+        left = (
+            f"{r['model']:<18}{r['batch']:>6} {r.get('competition') or '-':<8}{r.get('routing') or '-':<10}"
+        )
         if "error" in r:
             lines.append(left + f"  FAILED: {r['error']}")
             continue
-        ratio = lambda k, f: format(r[k], f) if k in r else "-"  # noqa: E731
+        speed = f"{r['train_samples_per_s']:>9.2f}{r['infer_samples_per_s']:>9.2f}{r['peak_memory_mb']:>9.0f}"
+        ratios = f"{_ratio(r, 'speedup', '.1f'):>8}x{_ratio(r, 'cpu_speedup', '.1f'):>8}x"
         lines.append(
-            left
-            + f"{r['train_samples_per_s']:>9.2f}{r['infer_samples_per_s']:>9.2f}{r['peak_memory_mb']:>9.0f}"
-            + f"{ratio('speedup', '.1f'):>8}x{ratio('memory_fraction', '.3f'):>9}{r['epoch_minutes']:>10.1f}"
+            left + speed + ratios + f"{_ratio(r, 'memory_fraction', '.3f'):>9}{r['epoch_minutes']:>10.1f}"
         )
     return "\n".join(lines)
 
@@ -246,9 +256,13 @@ def _parse_model_arg(text: str) -> tuple[str, object]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m harness.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m harness.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="name or name@batch (default: %(default)s)")
+    p.add_argument(
+        "--models", nargs="+", default=DEFAULT_MODELS, help="name or name@batch (default: %(default)s)"
+    )
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[32], help="for names without @batch")
     p.add_argument("--competition", nargs="+", default=["patch", "global"], choices=["patch", "global"])
     p.add_argument("--routing", nargs="+", default=["fast", "reference"], choices=["fast", "reference"])
@@ -285,9 +299,13 @@ def main(argv=None) -> list[dict]:
     print(format_table(records))
     for r in records:
         if "global_over_patch" in r:
-            print(f"{r['model']}@{r['batch']} {r['routing']}: global costs {r['global_over_patch']:.2f}x patch")
+            print(
+                f"{r['model']}@{r['batch']} {r['routing']}: global costs {r['global_over_patch']:.2f}x patch"
+            )
     load = os.getloadavg()
-    print(f"load average now {load[0]:.1f} on {os.cpu_count()} CPUs (timings are noisy if it exceeds --threads)")
+    print(
+        f"load average now {load[0]:.1f} on {os.cpu_count()} CPUs (timings are noisy if it exceeds --threads)"
+    )
     if args.json:
         meta = dict(
             command=" ".join(["python -m harness.bench", *(argv if argv is not None else sys.argv[1:])]),

@@ -95,7 +95,12 @@ def _cmd_preview(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness.data", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m harness.data",
+        description=__doc__.split("\n")[0],
+        epilog="examples:\n" + __doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, help, fn):
