@@ -426,6 +426,8 @@ def monotone_flags(table: pd.DataFrame, tol: float) -> tuple[list[str], list[str
                 text = f"non-monotone: {a} {mode} {col} {word} with eps ({'; '.join(breaks)})"
                 if a == AttackName.FGSM.value and iterative:
                     notes.append(f"{text}: single-step overshoot; the best-attack curve is what counts")
+                elif a == AttackName.FGSM.value:
+                    flags.append(f"{text} (single-step overshoot or gradient masking: add bim/pgd to tell)")
                 else:
                     flags.append(f"{text} (gradient masking, or too few steps?)")
         if iterative:

@@ -180,6 +180,12 @@ def study_final_runs(study: str) -> list[tuple[str, str]]:
         raise AttackError(
             f"study {study!r} has no final runs yet (capsbench.role=final); run its train stage"
         )
+    unfinished = final[final["status"] != "FINISHED"] if "status" in final else final.iloc[:0]
+    for run_id, status in zip(unfinished["run_id"], unfinished.get("status", [])):
+        print(f"note: skipping final run {run_id} of study {study!r}: status {status}", file=sys.stderr)
+    final = final.drop(unfinished.index)
+    if final.empty:
+        raise AttackError(f"study {study!r} has no FINISHED final runs; finish (or --resume) its trainings")
     model_col = "tags.capsbench.model"
     names = final[model_col] if model_col in final else pd.Series([""] * len(final), index=final.index)
     return sorted(zip(final["run_id"], names.fillna("")), key=lambda r: (r[1], r[0]))

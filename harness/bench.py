@@ -11,7 +11,8 @@ backward, Adam step) and inference steps on synthetic [0,1] images, and reports 
 Peak memory is the subprocess's peak RSS (``ru_maxrss``) on CPU — a fresh process per configuration,
 so nothing is shared or freed early — and ``torch.cuda.max_memory_allocated`` on CUDA. Capsule nets run
 each routing path (``--routing``, default fast and reference) side by side; the table gives each row's
-speed-up and memory fraction against the reference row of the same model, batch and competition.
+speed-up (wall clock and process CPU time) and memory fraction (peak RSS, and peak RSS above the
+process's RSS before the first step) against the reference row of the same model, batch and competition.
 Timings on a shared machine are noisy: compare rows of one invocation (the load average is recorded),
 and rerun on a quiet machine for absolute numbers.
 """
@@ -176,6 +177,12 @@ def add_ratios(records: list[dict]) -> None:
         r["cpu_speedup"] = ref["train_cpu_s"] / r["train_cpu_s"]
         r["infer_speedup"] = r["infer_samples_per_s"] / ref["infer_samples_per_s"]
         r["memory_fraction"] = r["peak_memory_mb"] / ref["peak_memory_mb"]
+        if r["baseline_rss_mb"] and ref["baseline_rss_mb"]:  # CPU: what the steps add to the process
+            work, ref_work = (
+                r["peak_memory_mb"] - r["baseline_rss_mb"],
+                ref["peak_memory_mb"] - ref["baseline_rss_mb"],
+            )
+            r["working_memory_fraction"] = work / max(ref_work, 1e-9)
     # global competition's cost relative to patch, same model/batch/routing
     patch = {
         (r["model"], r["batch"], r["routing"], r["device"], r["precision"]): r
@@ -297,6 +304,12 @@ def main(argv=None) -> list[dict]:
         records.append(run_spec(spec, progress=True) if args.in_process else run_isolated(spec, args.timeout))
     add_ratios(records)
     print(format_table(records))
+    for r in records:
+        if "working_memory_fraction" in r and r.get("routing") != "reference":
+            print(
+                f"{r['model']}@{r['batch']} {r['competition']}: working memory (peak RSS above the pre-step "
+                f"RSS) {r['working_memory_fraction']:.3f} of the reference's"
+            )
     for r in records:
         if "global_over_patch" in r:
             print(

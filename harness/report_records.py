@@ -51,7 +51,7 @@ class StudyRecords:
     name: str
     parent: dict | None  # run_id, status, params, metrics, tags, experiment_id
     models: list[ModelRecord]
-    trials: pd.DataFrame  # model, family, number, value, state, params_*
+    trials: pd.DataFrame  # model, number, value, state, params_* (Optuna's trials_dataframe)
     matched: dict | None  # viewpoint/matched.json
     cells: pd.DataFrame | None  # viewpoint/cells.csv
     study_toml: str | None

@@ -289,14 +289,14 @@ EPOCH_METRICS = ("train_loss", "train_error", "val_error", "test_error", "test_f
 
 
 def search_study_runs(study: str):
-    """Every live run tagged ``capsbench.study=<study>``, in any experiment: mlflow.search_runs's DataFrame."""
+    """Every live run tagged ``capsbench.study=<study>``, in any experiment (mlflow.search_runs DataFrame)."""
     client()  # sets the fluent API's URI
     name = study.replace("\\", "\\\\").replace("'", "\\'")
     return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`capsbench.study` = '{name}'")
 
 
 def metric_histories(run_id: str, keys=EPOCH_METRICS):
-    """Per-epoch metrics of a run as a DataFrame indexed by ``epoch`` (the step), one column per key logged."""
+    """Per-epoch metrics of a run: a DataFrame indexed by ``epoch`` (the step), a column per key logged."""
     import pandas as pd
 
     c, columns = client(), {}
@@ -323,7 +323,7 @@ def read_artifact_text(run_id: str, artifact_file: str) -> str | None:
 
 
 def log_artifacts(run_id: str, local_dir: str | Path, artifact_path: str) -> None:
-    """Copy every file of ``local_dir`` into a run's artifacts under ``artifact_path`` (run may be finished)."""
+    """Copy the files of ``local_dir`` into a run's artifacts at ``artifact_path`` (even a finished run)."""
     client().log_artifacts(run_id, str(local_dir), artifact_path)
 
 

@@ -6,7 +6,8 @@ and activations (N, H, W, types). A child i votes V_ij = P_i W_ij for parent j; 
 
 Routing paths (same math, held together by tests):
 - ``routing="reference"``: unfold + einsum + ``em_routing`` as written — plain and memory-hungry.
-- ``routing="fast"``: ``models.em_fast`` — fused M-step statistics, votes recomputed in backward.
+- ``routing="fast"``: ``models.em_fast`` — one pass over the votes per M- and E-step, votes
+  recomputed in backward, chunks of images (the default).
 
 Competition in convolutional layers:
 - ``"patch"``: each receptive field routes on its own (softmax over the C parent types at that position).
@@ -24,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import em_fast
-from models.em_routing import DEFAULT_VAR_FLOOR, CostNorm, _choice, em_routing, group_softmax
+from models.em_routing import DEFAULT_VAR_FLOOR, CostNorm, _choice, em_routing, group_softmax, routing_dtype
 
 
 class Competition(StrEnum):
@@ -274,7 +275,7 @@ class ClassCaps(_RoutingLayer):
             )
         p = poses.reshape(N, H * W * D, 4, 4)
         a = acts.reshape(N, H * W * D)
-        off = self.coordinate_offsets(p.dtype)
+        off = self.coordinate_offsets(routing_dtype(p.dtype))  # float32 even when p is bf16
         if self.routing == Routing.FAST.value:
             return em_fast.class_caps(
                 p, a, self.weight, off, self.beta_u, self.beta_a, **self._fast_options()

@@ -292,7 +292,8 @@ def test_monotone_and_iterative_checks_on_tables():
     flags, notes = monotone_flags(table, tol=0.05)
     assert flags == [
         "non-monotone: fgsm targeted targeted_success falls with eps "
-        "(ce 0.500 at eps 0.1 -> 0.300 at eps 0.2) (gradient masking, or too few steps?)"
+        "(ce 0.500 at eps 0.1 -> 0.300 at eps 0.2) "
+        "(single-step overshoot or gradient masking: add bim/pgd to tell)"
     ]
     assert len(notes) == 1 and notes[0].startswith(
         "non-monotone: fgsm untargeted accuracy rises with eps (ce 0.400"
