@@ -151,15 +151,29 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 
 def plot_viewpoint_heatmap(
-    grid: pd.DataFrame, path: str | Path, title: str = "test error by viewpoint"
+    grid: pd.DataFrame, path: str | Path, title: str = "test error by viewpoint", view: str | None = None
 ) -> Path:
-    """Heatmap of error per (elevation, azimuth) cell, axes in degrees (NORB codes: az ×10, el 30 + 5k)."""
+    """Error per (elevation, azimuth) cell, axes in degrees (NORB codes: az x10, el 30 + 5k).
+
+    With ``view`` ("azimuth" | "elevation") the familiar (training) columns or rows are outlined in white.
+    """
+    values = grid.to_numpy(dtype=float)  # elevations × azimuths
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * grid.shape[1] + 2), max(3.0, 0.45 * grid.shape[0] + 1.5)))
-    im = ax.imshow(
-        grid.to_numpy(dtype=float), cmap="viridis", vmin=0.0, vmax=max(1e-9, np.nanmax(grid.values))
-    )
+    im = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=max(1e-9, float(np.nanmax(values))))
     ax.set_xticks(range(grid.shape[1]), [f"{int(a) * 10}" for a in grid.columns], rotation=90)
     ax.set_yticks(range(grid.shape[0]), [f"{30 + 5 * int(e)}" for e in grid.index])
+    if view in data.FAMILIAR_CODES:
+        column, codes = data.FAMILIAR_CODES[view]
+        labels = grid.columns if column == "azimuth" else grid.index
+        for k, code in enumerate(labels):
+            if int(code) in codes:
+                xy, w, h = (
+                    ((k - 0.5, -0.5), 1, grid.shape[0])
+                    if column == "azimuth"
+                    else ((-0.5, k - 0.5), grid.shape[1], 1)
+                )
+                ax.add_patch(plt.Rectangle(xy, w, h, fill=False, edgecolor="white", linewidth=1.5))
+        title += f" (outlined: familiar {column}s)"
     ax.set_xlabel("azimuth (degrees)")
     ax.set_ylabel("elevation (degrees)")
     ax.set_title(title)

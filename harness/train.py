@@ -398,7 +398,10 @@ def _finish(
             run.log_json(report, "viewpoint/errors.json")
             title = f"{cfg.model.name} on {cfg.data.name} test, epoch {step}"
             run.log_file(
-                evaluate.plot_viewpoint_heatmap(tables["grid"], Path(tmp) / "heatmap.png", title), "viewpoint"
+                evaluate.plot_viewpoint_heatmap(
+                    tables["grid"], Path(tmp) / "heatmap.png", title, view=cfg.data.view
+                ),
+                "viewpoint",
             )
     if cfg.train.multicrop:
         mc_logits, mc_labels = evaluate.predict_multicrop(

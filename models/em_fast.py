@@ -16,20 +16,22 @@ and gradients, both competition modes). What makes it fast and lean:
    constant and changes neither variances nor assignments). Everything else works on (G, J, I) or
    (G, J) tensors, 16–32x smaller than the votes.
 3. Recomputation instead of storage (``FastEMRouting``, a custom autograd function). The forward keeps
-   only the layer's inputs (child poses, weights, activations, betas); the backward rebuilds VV, replays
-   the routing on the small tensors with autograd, and since VV enters the routing only through the
-   contractions above, its gradient is one batched matmul: dVV_i = sum_t R'_t,i dS_t + dlogp_t,i w_t.
-   The vote product's gradient then gives the child poses' and weights' gradients.
+   the layer's inputs (child poses, weights, activations, betas) and the small outputs of the
+   contractions above, never the votes; the backward rebuilds VV, replays the routing on the small
+   tensors with autograd (the recorded contraction outputs stand in for the products, ``Contractions``),
+   and since VV enters the routing only through those contractions, its gradient is one batched matmul:
+   dVV_i = sum_t R'_t,i dS_t + dlogp_t,i w_t. The vote product's gradient then gives the child poses'
+   and weights' gradients. Per chunk: 5 passes over VV forward, 1 build + 5 + 1 backward.
 4. Chunks of images with reused buffers. Routing groups of different images never interact (global
    competition couples positions only within an image), so forward and backward run over chunks of
    about ``CHUNK_BYTES`` of votes, writing into the same buffers (``Workspace``): the peak memory is one
    chunk's votes and their gradient, and no chunk after the first pays page faults for fresh memory.
 
-Measured (harness/bench.py): ~5-6x the training throughput of the reference at 1/20 of its working
-memory on CPU. What stands between this and the memory-traffic bound: torch's batched matrix-vector
-products pay a few microseconds per (group, parent) block, and the E-step and M-step are separate
-passes over VV; a fused kernel that keeps one position's votes in cache for all iterations would remove
-both. ``torch.compile`` of the model works but does not help here (the routing is a custom function).
+What stands between this and the memory-traffic bound: torch's batched matrix-vector products pay a
+few microseconds per (group, parent) block and the (I×32)·(32×1) orientation runs at half the speed of
+(1×I)·(I×32); the E-step and the next M-step are separate passes over VV. A fused kernel that keeps one
+position's votes in cache for all iterations would remove both. ``torch.compile`` of the model works
+but does not help here (the routing is a custom autograd function; inductor compiles the rest).
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ def test_confusion_matrix_and_plots(tmp_path):
     assert (cm == ref).all()
     grid = evaluate.viewpoint_errors(preds, labels, meta)["grid"]
     for path in (
-        evaluate.plot_viewpoint_heatmap(grid, tmp_path / "h.png"),
+        evaluate.plot_viewpoint_heatmap(grid, tmp_path / "h.png", view="azimuth"),
+        evaluate.plot_viewpoint_heatmap(grid, tmp_path / "e.png", view="elevation"),
         evaluate.plot_confusion(cm, ["a", "b", "c", "d", "e"], tmp_path / "c.png"),
     ):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -326,11 +326,16 @@ SHRINK = [
     "tune.n_trials=1",
     "tune.epochs=1",
     "run.train.epochs=2",
-    "run.data.limit_test=0",
+    "run.data.limit_test=30",
     "attack.attacks=fgsm",
     "attack.eps=[0.1]",
     "attack.n_examples=10",
     "attack.checks=false",
+    # a thinner capsule net: the machinery is under test here, not the model
+    "per_model.em_capsnet_small.model.args.routing_iters=1",
+    "per_model.em_capsnet_small.model.args.A=16",
+    "per_model.em_capsnet_small.model.args.C=8",
+    "per_model.em_capsnet_small.model.args.D=8",
 ]
 
 
