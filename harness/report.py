@@ -67,6 +67,11 @@ PAPER = {
     },
 }
 
+TABLE_NOTE = (
+    "Errors in %, one row per final model. Test error: the final epoch, on every test image (familiar and "
+    "novel views together when the study has a view split); familiar and novel errors: at the matched "
+    "epochs; train samples/s: the median over epochs."
+)
 PAPER_NOTE = (
     "Rows starting `paper:` are the paper's numbers (DESIGN.md §1; FGSM read off its Fig. 3), for reference: "
     "the paper trained on all of smallNORB's training images with its own budget."
@@ -530,7 +535,7 @@ def build_blocks(records: StudyRecords, figures: list[tuple[str, str]], skipped:
             what = "error / targeted success, both" if targeted else "error (no targeted attacks recorded),"
             blocks.append(("p", f"Each cell: {what} worst case over the attack losses."))
         has_paper = table["model"].str.startswith("paper:").any()
-        blocks.append(("p", "Errors in %, one row per final model. " + (PAPER_NOTE if has_paper else "")))
+        blocks.append(("p", TABLE_NOTE + (" " + PAPER_NOTE if has_paper else "")))
     blocks += [("h2", "Notes"), ("ul", notes(records))]
     blocks.append(("h2", "Figures"))
     for filename, caption in figures:

@@ -2,7 +2,9 @@
 
 A study file lists only what differs from the defaults below, in the style of ``harness/config.py``
 (whose from_dict / merge / ``--set`` machinery it reuses). ``[run]`` is a partial RunConfig shared by
-every model of the study; ``[per_model.<model>]`` adds model-specific run settings on top; ``[tune]``
+every model of the study (``[train]``, ``[data]``, ``[optim]``, ``[loss]``, ``[model]`` and
+``--set train.epochs=3`` are shorthands for ``[run.train]`` ... and ``--set run.train.epochs=3``);
+``[per_model.<model>]`` adds model-specific run settings on top; ``[tune]``
 holds the Optuna budget and the two search spaces (capsules: λ schedule and margin schedule; CNNs:
 learning rate, dropout, weight decay). Everything is checked by ``load_study`` before any work starts:
 unknown keys, wrong types, unknown models or datasets, empty ranges, and per-model run settings.
@@ -142,8 +144,8 @@ def load_study(name_or_path: str | Path, overrides: list[str] | None = None) -> 
     if "name" in data:
         raise ConfigError(f"{path}: 'name' is taken from the file name; remove the key")
     try:
-        cfg = merge(StudyConfig(), data)
-        cfg = merge(cfg, overrides_to_dict(overrides or []))
+        cfg = merge(StudyConfig(), run_shorthand(data))
+        cfg = merge(cfg, run_shorthand(overrides_to_dict(overrides or [])))
     except ConfigError as e:
         raise ConfigError(f"{path.name}: {e}") from None
     cfg.name = path.stem
@@ -151,6 +153,24 @@ def load_study(name_or_path: str | Path, overrides: list[str] | None = None) -> 
     cfg.run.data.root = resolve_data_root(cfg.run.data.root)
     validate(cfg)
     return cfg
+
+
+RUN_SECTIONS = ("model", "data", "optim", "loss", "train")
+
+
+def run_shorthand(data: dict[str, Any]) -> dict[str, Any]:
+    """``[train]`` and ``--set train.epochs=3`` mean ``[run.train]`` and ``run.train.epochs``."""
+    data = dict(data)
+    moved = {k: data.pop(k) for k in RUN_SECTIONS if k in data}
+    if moved:
+        data["run"] = _deep_merged(data.get("run", {}), moved)
+    return data
+
+
+def _deep_merged(base: Any, new: Any) -> Any:
+    if not (isinstance(base, dict) and isinstance(new, dict)):
+        return new
+    return {**base, **{k: _deep_merged(base.get(k), v) for k, v in new.items()}}
 
 
 def resolve_data_root(root: str) -> str:

@@ -116,6 +116,16 @@ def study_runs(study: str) -> list:
     return c.search_runs([exp.experiment_id], f"tags.`capsbench.study` = '{study}'", max_results=1000)
 
 
+def in_first_epoch(optuna_study: str, number: int) -> bool:
+    """The trial's MLflow run exists and has logged no epoch yet (so it runs for >= 2 more sleeps)."""
+    exp = tracking.client().get_experiment_by_name("tiny")
+    if exp is None:
+        return False
+    query = f"tags.`optuna.study` = '{optuna_study}' and tags.`optuna.trial` = '{number}'"
+    runs = tracking.client().search_runs([exp.experiment_id], query)
+    return len(runs) == 1 and "val_error" not in runs[0].data.metrics
+
+
 def counted(ts: list) -> list:
     return [t for t in ts if t.state.name in ("COMPLETE", "PRUNED")]
 
@@ -155,6 +165,13 @@ def test_per_model_settings_and_overrides_apply():
     assert "routing_iters" not in run_config(cfg, "cnn_small").model.args
     with pytest.raises(ConfigError, match="unknown key 'bogus'"):
         load_study("demo", ["tune.bogus=1"])
+    # RunConfig sections may drop the "run." prefix, in overrides and in files
+    short = load_study("demo", ["train.epochs=9", "data.limit_test=11"])
+    assert (
+        short.run.train.epochs == 9 and short.run.data.limit_test == 11 and short.run.data.view == "azimuth"
+    )
+    with pytest.raises(ConfigError, match="unknown key 'epoch'"):
+        load_study("demo", ["train.epoch=9"])
 
 
 @pytest.mark.parametrize(
@@ -262,7 +279,7 @@ def test_rdb_storage_url_holds_the_trials(env):
 def test_killed_study_resumes_without_losing_or_duplicating_anything(env, monkeypatch):
     tmp, study_file = env
     root = tmp / "studies"
-    monkeypatch.setenv("FAKE_FIT_SLEEP", "0.4")
+    monkeypatch.setenv("FAKE_FIT_SLEEP", "1.0")
     ctx = multiprocessing.get_context("spawn")
     import fake_fit
 
@@ -278,8 +295,8 @@ def test_killed_study_resumes_without_losing_or_duplicating_anything(env, monkey
         except (KeyError, FileNotFoundError, OSError):
             continue
         running = [t for t in ts if t.state.name == "RUNNING" and "worker" in t.user_attrs]
-        if counted(ts) and running:
-            os.kill(child.pid, signal.SIGKILL)
+        if counted(ts) and running and in_first_epoch(f"tiny.{model}", running[0].number):
+            os.kill(child.pid, signal.SIGKILL)  # mid-trial: its MLflow run exists and is RUNNING
             killed_trial = running[0]
     child.join()
     assert killed_trial is not None, "the child study never reached a running second trial"
