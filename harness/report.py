@@ -164,8 +164,11 @@ def split_summary(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | Non
     for col in [c for c in attack_cols if " error ε=" in c]:
         attack, eps = col.split(" error ε=")
         target = f"{attack} targeted success ε={eps}"
-        attacked[f"{attack} ε={eps}"] = shown[col] + (" / " + shown[target] if target in shown else "")
-    return clean, attacked
+        cell = shown[col] + (" / " + shown[target] if target in shown else "")
+        attacked[f"{attack} ε={eps}"] = cell.replace("– / –", "–")
+    cells = attacked.drop(columns="model")
+    empty_paper_row = table["model"].astype(str).str.startswith("paper:") & (cells == "–").all(axis=1)
+    return clean, attacked[~empty_paper_row].reset_index(drop=True)
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -446,6 +449,7 @@ WHY_EMPTY = {
 def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
     """Save every figure that can be made; (file name, caption) pairs and notes on those that could not."""
     fams = records.families
+    has_view = any("test_novel_error" in m.history for m in records.models)  # as training_curves decides
     imp: dict = {}
     imp_notes: list[str] = []
     if not records.trials.empty:
@@ -456,7 +460,9 @@ def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, 
     plan = [
         (
             "training_curves.png",
-            "Training curves: familiar (solid) and novel (dashed) test error per epoch.",
+            "Training curves: familiar (solid) and novel (dashed) test error per epoch."
+            if has_view
+            else "Training curves: test (solid) and validation (dotted) error per epoch.",
             lambda: figs.training_curves(
                 {m.model: m.history for m in records.models}, fams, matched_epochs(records)
             ),

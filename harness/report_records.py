@@ -100,6 +100,15 @@ def _run_dict(row: pd.Series) -> dict:
     }
 
 
+def _parent_rank(run: dict) -> tuple:
+    """Several parent runs share a study name when helper machines join its tuning (each keeps its own
+    study folder) or a study was started afresh: report the one that got furthest, then the newest."""
+    tags = run["tags"]
+    finals = sum(k.startswith("capsbench.final.") for k in tags)
+    stages = sum(k.startswith("capsbench.stage.") and v == "done" for k, v in tags.items())
+    return finals, stages, run["start_time"]
+
+
 def parse_attack_metrics(model: str, metrics: dict[str, float]) -> pd.DataFrame:
     """``attack/{attack}/{loss}/{acc|targeted_success}_eps_{eps}`` metrics -> a long table.
 
@@ -146,8 +155,8 @@ def collect(name: str) -> StudyRecords:
         )
     missing: list[str] = []
     kind = runs.get("tags.capsbench.kind", pd.Series("", index=runs.index)).fillna("")
-    parents = runs[kind == "study"].sort_values("start_time", ascending=False)
-    parent = _run_dict(parents.iloc[0]) if len(parents) else None
+    parents = [_run_dict(row) for _, row in runs[kind == "study"].iterrows()]
+    parent = max(parents, key=_parent_rank) if parents else None
     if parent is None:
         missing.append("no parent run (capsbench.kind=study): tuning budget and matched protocol are unknown")
     else:  # keep only the runs of the newest parent, in case an older study of the same name exists

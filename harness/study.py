@@ -869,9 +869,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         action="append",
         default=[],
-        help="override a study setting, e.g. --set tune.n_trials=4 --set run.train.epochs=3; repeatable",
+        help="override a study setting, e.g. --set tune.n_trials=4 --set train.epochs=3 (run.train.epochs); "
+        "type-checked, unknown keys are errors; repeatable",
     )
-    p.add_argument("--workers", type=int, default=1, help="local worker processes per model's Optuna study")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes sharing the Optuna studies")
     p.add_argument(
         "--storage",
         metavar="URL",

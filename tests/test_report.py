@@ -162,6 +162,11 @@ def fake_study(
 
 def test_fake_study_report_matches_records(store, tmp_path):
     parent_id = fake_study("fake", stages=("data", "tune", "train", "attack"))
+    helper = tracking.start_run(  # a later parent run of a machine that only helped with tuning
+        "fake", "fake", tags={"capsbench.kind": "study", "capsbench.study": "fake"}, system_metrics=False
+    )
+    helper.set_tags({"capsbench.stage.data": "done", "capsbench.stage.tune": "done"})
+    helper.end()
     path = report.write_report("fake", out_dir=tmp_path)
     page = parse_page(path)
     assert_embeds_every_figure(tmp_path, page)
@@ -178,6 +183,7 @@ def test_fake_study_report_matches_records(store, tmp_path):
     assert attacked["cnn_small"]["FGSM ε=0.1"] == "40.0% / 20.0%"
     assert attacked["em_capsnet_small"]["BIM ε=0.2"] == "50.0% / 30.0%"
     text = (tmp_path / "report.md").read_text()
+    assert f"parent run `{parent_id}`" in text  # the parent that got furthest, not the newest
     assert "Gradient-masking flags on `em_capsnet_small`** (treat its robustness" in text
     assert "upper bounds): bim weaker than fgsm" in text
     assert "stage `viewpoint` has not finished" in text
@@ -369,10 +375,14 @@ def test_real_study_report_before_attacks(real_store):
 
 
 def test_attack_cells_without_targeted_results():
-    table = pd.DataFrame([{"model": "m", "family": "cnn", "test error": 0.1, "FGSM error ε=0.1": 0.25}])
+    table = pd.DataFrame(
+        [{"model": "m", "family": "cnn", "test error": 0.1, "FGSM error ε=0.1": 0.25},
+         {"model": "n", "family": "cnn", "test error": 0.2, "FGSM error ε=0.1": None},
+         {"model": "paper: x", "family": "cnn", "test error": 0.05, "FGSM error ε=0.1": None}]
+    )  # fmt: skip
     clean, attacked = report.split_summary(table)
-    assert list(clean.columns) == ["model", "family", "test error"]
-    assert attacked.loc[0, "FGSM ε=0.1"] == "25.0%"
+    assert list(clean.columns) == ["model", "family", "test error"] and len(clean) == 3
+    assert attacked["FGSM ε=0.1"].tolist() == ["25.0%", "–"]  # a paper row with no attack numbers is dropped
 
 
 def test_importances_find_the_parameter_that_matters():
