@@ -105,7 +105,7 @@ def _parent_rank(run: dict) -> tuple:
     study folder) or a study was started afresh: report the one that got furthest, then the newest."""
     tags = run["tags"]
     finals = sum(k.startswith("capsbench.final.") for k in tags)
-    stages = sum(k.startswith("capsbench.stage.") and v == "done" for k, v in tags.items())
+    stages = sum(tags.get(f"capsbench.stage.{s}") == "done" for s in STAGES)  # `report` not counted
     return finals, stages, run["start_time"]
 
 

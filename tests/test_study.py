@@ -157,7 +157,10 @@ def test_required_study_files_exist():
 
 
 def test_per_model_settings_and_overrides_apply():
-    cfg = load_study("demo", ["tune.n_trials=5", "run.train.epochs=7"])
+    cfg = load_study(
+        "demo",
+        ["tune.n_trials=5", "run.train.epochs=7", "per_model.em_capsnet_small.model.args.routing_iters=2"],
+    )
     assert cfg.tune.n_trials == 5 and cfg.run.train.epochs == 7
     assert run_config(cfg, "cnn_small").optim.lr == 1e-3
     assert run_config(cfg, "em_capsnet_small").optim.lr == cfg.run.optim.lr
