@@ -128,7 +128,7 @@ class _RoutingLayer(nn.Module):
         self.var_floor = float(var_floor)
         self.routing = _choice(Routing, routing, "routing").value
 
-    def _route(self, votes, acts, normalize=group_softmax):
+    def _route(self, votes, acts, normalize=group_softmax, return_logits=False):
         return em_routing(
             votes,
             acts,
@@ -138,6 +138,7 @@ class _RoutingLayer(nn.Module):
             cost_norm=self.cost_norm,
             var_floor=self.var_floor,
             normalize=normalize,
+            return_logits=return_logits,
         )
 
     def _fast_options(self) -> dict:
@@ -265,7 +266,10 @@ class ClassCaps(_RoutingLayer):
             off[..., 1] = self.centres.to(dtype).view(1, S, 1)
         return off.view(S * S * D, 16)
 
-    def forward(self, poses: torch.Tensor, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, poses: torch.Tensor, acts: torch.Tensor, *, return_logits: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class poses and activations, or the activations' logits lambda_T (beta_a - cost) (never saturated)."""
         N, H, W, D, _ = poses.shape
         S = len(self.centres)
         if (H, W, D) != (S, S, self.in_types):
@@ -278,10 +282,11 @@ class ClassCaps(_RoutingLayer):
         off = self.coordinate_offsets(routing_dtype(p.dtype))  # float32 even when p is bf16
         if self.routing == Routing.FAST.value:
             return em_fast.class_caps(
-                p, a, self.weight, off, self.beta_u, self.beta_a, **self._fast_options()
+                p, a, self.weight, off, self.beta_u, self.beta_a, **self._fast_options(),
+                return_logits=return_logits,
             )
         weight = self.weight.repeat(H * W, 1, 1, 1)  # (S·S·D, classes, 4, 4), child i = position·D + d
         votes = (
             torch.einsum("nixy,icyz->nicxz", p, weight).flatten(-2) + off[:, None, :]
         )  # (N, I, classes, 16)
-        return self._route(votes, a)
+        return self._route(votes, a, return_logits=return_logits)

@@ -327,7 +327,7 @@ def conv_caps(poses, acts, weight, beta_u, beta_a, kernel, stride, competition, 
 def class_caps(poses, acts, weight, offsets, beta_u, beta_a, **options):
     """ClassCaps on the fast path: poses (N, I, 4, 4) with I = S·S·D (child i = position·D + d), acts (N, I),
     weight (D, classes, 4, 4) shared over positions, offsets (I, 16) added to every vote.
-    Returns poses (N, classes, 16) and activations (N, classes)."""
+    Returns poses (N, classes, 16) and activations (N, classes) (their logits with return_logits=True)."""
     N, I = acts.shape
     D = weight.shape[0]
     pf = poses.reshape(N, I, 16).transpose(0, 1).contiguous()  # (I, N, 16)
@@ -348,11 +348,12 @@ def _apply(
     inverse_temperatures,
     cost_norm,
     var_floor,
+    return_logits=False,
 ):
     with torch.autocast(device_type=pf.device.type, enabled=False):
         config = (normalize_for, per_image, tuple(inverse_temperatures), cost_norm, var_floor)
         mu, logit_a = FastEMRouting.apply(pf, W, offsets, acts, beta_u, beta_a, config)
-        return mu, torch.sigmoid(logit_a)
+        return mu, (logit_a if return_logits else torch.sigmoid(logit_a))
 
 
 def route_votes(votes, acts, beta_u, beta_a, *, inverse_temperatures, cost_norm="none", var_floor=1e-4):

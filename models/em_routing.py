@@ -107,13 +107,15 @@ def em_routing(
     var_floor: float = DEFAULT_VAR_FLOOR,
     normalize: Callable[[torch.Tensor], torch.Tensor] = group_softmax,
     return_assignments: bool = False,
+    return_logits: bool = False,
 ):
     """EM routing as written in DESIGN §4.
 
     votes (..., I, J, 16), activations (..., I), beta_u and beta_a (J,) (or broadcastable to (..., J)),
     one inverse temperature per iteration. ``normalize`` maps E-step logits (..., I, J) to assignments R
     (default: softmax over J). Returns poses (..., J, 16) and activations (..., J), plus the assignments
-    R (..., I, J) of the last M-step when ``return_assignments``.
+    R (..., I, J) of the last M-step when ``return_assignments``. With ``return_logits`` the activations
+    come back before the sigmoid, lambda_T (beta_a - cost_j), which never saturates.
     """
     cost_norm = _choice(CostNorm, cost_norm, "cost_norm")
     if votes.dim() < 3 or activations.shape != votes.shape[:-2]:
@@ -150,5 +152,5 @@ def em_routing(
             log_p = -(V - mu[..., None, :, :]).square() / (2 * var[..., None, :, :])
             log_p = (log_p - log_sigma[..., None, :, :] - 0.5 * _LOG_2PI).sum(dim=-1)  # (..., I, J)
             R = normalize(F.logsigmoid(logit_a)[..., None, :] + log_p)
-        out = (mu, torch.sigmoid(logit_a))
+        out = (mu, logit_a if return_logits else torch.sigmoid(logit_a))
     return (*out, R) if return_assignments else out

@@ -6,8 +6,9 @@ over positions, coordinate addition). On 32x32 input the grids are 14 -> 14 -> 6
 12 -> 12 -> 5 -> 3. Parameter counts: em_capsnet (A=B=C=D=32) 316K (paper: ~310K),
 em_capsnet_small (A=64, B=8, C=D=16) 68K (paper: 68K).
 
-``forward`` returns logit(a_j) of the class capsules (a clamped to [1e-6, 1 - 1e-6]) so argmax and
-cross-entropy are well defined; ``forward_capsules`` returns the class poses and activations.
+``forward`` returns the logits of the class activations, lambda_T (beta_a - cost_j), taken before the
+sigmoid rather than recovered from a_j, so they never saturate and attacks always see a gradient;
+``forward_capsules`` returns the class poses and activations a_j = sigmoid(logits).
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from models import register_model
 from models.capsules import ClassCaps, Competition, ConvCaps, PrimaryCaps, Routing, conv_out_size
 from models.em_routing import DEFAULT_VAR_FLOOR, CostNorm, _choice, inverse_temperatures
 from models.normalization import PerImageStandardize
-
-LOGIT_EPS = 1e-6  # class activations are clamped to [eps, 1 - eps] before the logit
-
 
 class MatrixCapsNet(nn.Module):
     family = "capsule"
@@ -81,19 +79,21 @@ class MatrixCapsNet(nn.Module):
                 f"with in_channels/input_size matching the data"
             )
 
-    def forward_capsules(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [0,1] pixels N×C×S×S -> class poses (N, classes, 16), class activations (N, classes)."""
+    def _class_capsules(self, x: torch.Tensor, return_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
         features = torch.relu(self.conv1(self.normalize(x)))  # (N, A, S1, S1)
         poses, acts = self.primary_caps(features)  # (N, S1, S1, B, 16), (N, S1, S1, B)
         poses, acts = self.conv_caps1(poses, acts)  # (N, S2, S2, C, ...)
         poses, acts = self.conv_caps2(poses, acts)  # (N, S3, S3, D, ...)
-        return self.class_caps(poses, acts)
+        return self.class_caps(poses, acts, return_logits=return_logits)
+
+    def forward_capsules(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [0,1] pixels N×C×S×S -> class poses (N, classes, 16), class activations (N, classes)."""
+        return self._class_capsules(x, return_logits=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits: logit(a_j) of the class capsules, N×classes."""
-        _, acts = self.forward_capsules(x)
-        return torch.logit(acts, eps=LOGIT_EPS)
+        """Class logits N×classes: the class activations before their sigmoid."""
+        return self._class_capsules(x, return_logits=True)[1]
 
 
 def _create_capsnet(variant: str, **kwargs) -> MatrixCapsNet:

@@ -58,10 +58,23 @@ def test_capsule_contract(name):
         poses, acts = model.forward_capsules(x)
         assert poses.shape == (2, 4, 16) and acts.shape == (2, 4)
         assert ((acts > 0) & (acts < 1)).all()
-        torch.testing.assert_close(model(x), torch.logit(acts, eps=1e-6))
+        torch.testing.assert_close(torch.sigmoid(model(x)), acts)  # logits are taken before the sigmoid
         torch.manual_seed(0)
         again = models.create_model(name, **kwargs)
         assert torch.equal(again(x), model(x))  # same seed, same result
+
+
+def test_capsule_logits_keep_a_gradient_when_activations_saturate():
+    """lambda = 1, 2, 3 without cost normalisation saturates a_j; the logits must still carry gradient."""
+    torch.manual_seed(0)
+    model = models.create_model("em_capsnet_small", lambda_schedule="linear", cost_norm="none")
+    x = torch.rand(2, 1, 32, 32, requires_grad=True)
+    logits = model(x)
+    _, acts = model.forward_capsules(x)
+    assert ((acts == 0) | (acts == 1)).any()  # saturated in float32
+    assert logits.abs().max() > 20 and torch.isfinite(logits).all()
+    logits[:, 0].sum().backward()
+    assert x.grad.abs().sum() > 0
 
 
 def test_capsnet_options_are_checked():
