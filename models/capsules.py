@@ -269,7 +269,7 @@ class ClassCaps(_RoutingLayer):
     def forward(
         self, poses: torch.Tensor, acts: torch.Tensor, *, return_logits: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class poses and activations, or the activations' logits lambda_T (beta_a - cost) (never saturated)."""
+        """Class poses and activations, or their logits lambda_T (beta_a - cost), which never saturate."""
         N, H, W, D, _ = poses.shape
         S = len(self.centres)
         if (H, W, D) != (S, S, self.in_types):
@@ -282,7 +282,13 @@ class ClassCaps(_RoutingLayer):
         off = self.coordinate_offsets(routing_dtype(p.dtype))  # float32 even when p is bf16
         if self.routing == Routing.FAST.value:
             return em_fast.class_caps(
-                p, a, self.weight, off, self.beta_u, self.beta_a, **self._fast_options(),
+                p,
+                a,
+                self.weight,
+                off,
+                self.beta_u,
+                self.beta_a,
+                **self._fast_options(),
                 return_logits=return_logits,
             )
         weight = self.weight.repeat(H * W, 1, 1, 1)  # (S·S·D, classes, 4, 4), child i = position·D + d

@@ -21,6 +21,7 @@ from models.capsules import ClassCaps, Competition, ConvCaps, PrimaryCaps, Routi
 from models.em_routing import DEFAULT_VAR_FLOOR, CostNorm, _choice, inverse_temperatures
 from models.normalization import PerImageStandardize
 
+
 class MatrixCapsNet(nn.Module):
     family = "capsule"
     default_loss = "spread"
