@@ -52,8 +52,12 @@ class SynthnorbConfig:
 class CapsuleSpace:
     """Search space for capsule models: the inverse-temperature (λ) and margin schedules."""
 
-    lambda_schedule: list[str] = field(default_factory=lambda: ["official", "linear", "constant"])
-    final_lambda: list[float] = field(default_factory=lambda: [1e-3, 1e-1])  # [low, high], log scale
+    # "linear" (λ = 1, 2, 3) saturates the class activations unless cost_norm = "zscore" (the seed article
+    # pairs the two): add it together with run.model.args.cost_norm = "zscore"
+    lambda_schedule: list[str] = field(default_factory=lambda: ["official", "constant"])
+    # [low, high], log scale; at init em_capsnet_small's class logits are ~0.14·final·(beta_a - cost)
+    # with |cost| in the thousands, so λ above ~0.03 saturates them from the first step
+    final_lambda: list[float] = field(default_factory=lambda: [1e-4, 3e-2])
     margin_start: list[float] = field(default_factory=lambda: [0.1, 0.4])
     margin_end: list[float] = field(default_factory=lambda: [0.6, 0.95])
     margin_ramp_epochs: list[float] = field(default_factory=lambda: [1.0, 10.0])
