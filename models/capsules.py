@@ -90,6 +90,15 @@ class GlobalSoftmax:
         total = self._unfold(self._fold(e.sum(dim=-1)))  # (N, L, KK, B): sum over all the child's parents
         return (e / total[..., None]).flatten(2, 3)  # (N, L, I, C)
 
+    def backward(self, R: torch.Tensor, dR: torch.Tensor) -> torch.Tensor:
+        """d logits from dR for R = self(logits), both (N, L, I, C): R (dR - sum over each child's parents
+        of R dR)."""
+        N, L, I, C = R.shape
+        RdR = R * dR
+        per_slot = RdR.sum(dim=-1).reshape(N, L, self.kernel**2, -1)  # (N, L, KK, B)
+        per_child = self._unfold(self._fold(per_slot)).flatten(2, 3)  # (N, L, I)
+        return RdR.sub_(R * per_child[..., None])
+
 
 class PrimaryCaps(nn.Module):
     """1x1 convolutions from A feature channels to B capsule types: 4x4 pose + sigmoid activation."""

@@ -37,110 +37,15 @@ but does not help here (the routing is a custom autograd function; inductor comp
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import threading
 
 import torch
-import torch.nn.functional as F
 
-from models.em_routing import CostNorm, normalize_cost, routing_dtype, safe_divisor
+from models import em_cpu
+from models.em_fast_routing import PatchSoftmax, route, route_backward
+from models.em_routing import routing_dtype
 
-_LOG_2PI = math.log(2 * math.pi)
-CHUNK_BYTES = 8 * 2**20  # bytes of v and v² per chunk of images (forward and backward go chunk by chunk)
-
-Normalize = Callable[[torch.Tensor], torch.Tensor]  # E-step logits (G, J, I) -> R (G, J, I)
-
-
-def softmax_over_parents(logits: torch.Tensor) -> torch.Tensor:
-    """Patch competition in the (G, J, I) layout: softmax over the J parents of each child."""
-    return torch.softmax(logits, dim=-2)
-
-
-class Contractions:
-    """The only places VV enters the routing: S = R' VV (M-step, kind "M") and log p = VV w (E-step, "E").
-
-    Forward (``saved=None``): computes each product and records its output. Backward replay
-    (``saved`` = the forward's outputs): returns the recorded output through ``_Replay``, whose backward
-    gives the coefficient's gradient (one pass over VV) and keeps the output's gradient in ``taps`` so
-    that VV's gradient can be assembled in one product. The forward's products are never recomputed.
-    """
-
-    def __init__(self, saved: list[torch.Tensor] | None = None):
-        self.saved, self.outputs, self.taps = saved, [], []
-
-    def __call__(self, kind: str, coeff: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        if self.saved is None:
-            out = torch.bmm(coeff, flat) if kind == "M" else torch.bmm(flat, coeff)
-            self.outputs.append(out)
-            return out
-        tap = [kind, coeff, None]  # the output's gradient lands in tap[2]
-        saved = self.saved[len(self.taps)]
-        self.taps.append(tap)
-        return _Replay.apply(coeff, saved, flat, tap)
-
-
-class _Replay(torch.autograd.Function):
-    """out = the recorded product; backward: d coeff by a contraction with VV, d out kept in ``tap``."""
-
-    @staticmethod
-    def forward(ctx, coeff, saved, flat, tap):
-        ctx.flat, ctx.tap = flat, tap
-        return saved.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.tap[2] = g
-        # both as products with VV untransposed (faster here than VV^T): (GJ, I, 32) and (GJ, 1, I)
-        if ctx.tap[0] == "M":  # S = R' VV: dR' = (VV dS^T)^T, (GJ, I, 1) -> (GJ, 1, I)
-            return torch.bmm(ctx.flat, g.transpose(1, 2)).transpose(1, 2), None, None, None
-        return torch.bmm(g.transpose(1, 2), ctx.flat).transpose(1, 2), None, None, None  # dw = (dlogp^T VV)^T
-
-
-def route(
-    VV: torch.Tensor,
-    acts: torch.Tensor,
-    beta_u: torch.Tensor,
-    beta_a: torch.Tensor,
-    inverse_temperatures: Sequence[float],
-    cost_norm: str,
-    var_floor: float,
-    normalize: Normalize = softmax_over_parents,
-    contract: Contractions | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """EM routing on VV = [v, v²] (G, J, I, 32): centred votes next to their squares.
-
-    acts (G, I); ``normalize`` maps E-step logits (G, J, I) to assignments R summing to 1 over each
-    child's parents. Returns the centred means (G, J, 16) and the parents' activation logits (G, J).
-
-    ``contract`` computes (and records) the contractions with VV, or replays recorded ones in the
-    backward pass (see ``Contractions``).
-    """
-    G, J, I, _ = VV.shape
-    cost_norm = CostNorm(cost_norm)
-    flat = VV.view(G * J, I, 32)
-    contract = Contractions() if contract is None else contract
-
-    a_in = acts[:, None, :]  # (G, 1, I)
-    R = normalize(VV.new_zeros(G, J, I))
-    last = len(inverse_temperatures) - 1
-    for t, lam in enumerate(inverse_temperatures):
-        # 1. M-step: [sum_i R'v, sum_i R'v²] in one pass over VV
-        Rp = (R * a_in).view(G * J, 1, I)  # R'_ij
-        Rsum = Rp.sum(dim=-1).view(G, J)
-        S = contract("M", Rp, flat)  # (G·J, 1, 32)
-        moments = S.view(G, J, 32) / safe_divisor(Rsum)[..., None]
-        mu = moments[..., :16]  # (G, J, 16)
-        var = (moments[..., 16:] - mu.square()).clamp_min(0) + var_floor
-        log_sigma = 0.5 * torch.log(var)
-        cost = ((beta_u[:, None] + log_sigma) * Rsum[..., None]).sum(dim=-1)  # (G, J)
-        logit_a = lam * (beta_a - normalize_cost(cost, cost_norm, I, J))
-        if t == last:
-            break
-        # 2. E-step: log p_ij = [v, v²]·[mu/var, -1/(2 var)] + const_j in one pass over VV
-        w = torch.cat([mu / var, -0.5 / var], dim=-1).view(G * J, 32, 1)
-        const = (-0.5 * mu.square() / var - log_sigma).sum(dim=-1) - 8 * _LOG_2PI  # (G, J)
-        log_p = contract("E", w, flat)  # (G·J, I, 1)
-        R = normalize(F.logsigmoid(logit_a)[..., None] + log_p.view(G, J, I) + const[..., None])
-    return mu, logit_a
+CHUNK_BYTES = 16 * 2**20  # bytes of v and v² per chunk of images (forward and backward go chunk by chunk)
 
 
 def kron_weights(W: torch.Tensor) -> torch.Tensor:
@@ -149,8 +54,9 @@ def kron_weights(W: torch.Tensor) -> torch.Tensor:
     Writing the 4x4 products as one (G, 16) @ (16, J·16) matmul per child slot makes every vote a
     contiguous 16-vector in the output, which is what the routing layout needs."""
     I, J = W.shape[:2]
-    eye = torch.eye(4, dtype=W.dtype, device=W.device)
-    return torch.einsum("ab,ijyz->iayjbz", eye, W).reshape(I, 16, J * 16)
+    M = W.new_zeros(I, 4, 4, J, 4, 4)  # (i, a, y, j, b, z): I_4[a, b] W_ij[y, z]
+    M.diagonal(dim1=1, dim2=4).copy_(W.permute(0, 2, 1, 3)[..., None])  # the a == b blocks
+    return M.view(I, 16, J * 16)
 
 
 def kron_weights_grad(dM: torch.Tensor, J: int) -> torch.Tensor:
@@ -159,9 +65,11 @@ def kron_weights_grad(dM: torch.Tensor, J: int) -> torch.Tensor:
     return dM.view(I, 4, 4, J, 4, 4).diagonal(dim1=1, dim2=4).sum(-1).permute(0, 2, 1, 3)
 
 
-class Workspace:
-    """Reusable buffers for the vote-sized tensors of one layer call: every chunk after the first writes
-    into memory that is already mapped (fresh large allocations cost a page fault per 4 KiB)."""
+class Workspace(threading.local):
+    """Reusable buffers for the vote-sized tensors, one set per thread (``WORKSPACE``), kept across
+    chunks and calls: every chunk writes into memory that is already mapped (fresh large allocations cost
+    a page fault per 4 KiB, and the allocator returns them to the system when they are freed). Nothing a
+    layer returns or saves aliases them."""
 
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}
@@ -172,6 +80,9 @@ class Workspace:
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
             buf = self.buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel].view(shape)
+
+
+WORKSPACE = Workspace()
 
 
 def build_votes(pf, M, offsets, dtype, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,7 +112,7 @@ class FastEMRouting(torch.autograd.Function):
     """Votes + EM routing with recomputation: saves the inputs, not the votes.
 
     pf (I, G, 16) child poses per slot, W (I, J, 4, 4), offsets (I, 16) or None (no gradient), acts (G, I),
-    beta_u, beta_a (J,). ``config``: (normalize_for(n_images) -> Normalize, groups per image, inverse
+    beta_u, beta_a (J,). ``config``: (normalize_for(n_images) -> normalizer, groups per image, inverse
     temperatures, cost_norm, var_floor). Returns poses (G, J, 16) and activation logits (G, J).
     """
 
@@ -210,17 +121,15 @@ class FastEMRouting(torch.autograd.Function):
         normalize_for, per_image, lambdas, cost_norm, var_floor = config
         dtype = routing_dtype(pf.dtype)
         M = kron_weights(W)
-        mus, logits, records, ws = [], [], [], Workspace()
+        bu, ba = beta_u.to(dtype), beta_a.to(dtype)
+        mus, logits, records, ws = [], [], [], WORKSPACE
         for n, rows in _chunks(pf.shape[0], M.shape[-1] // 16, pf.shape[1], per_image, dtype):
             VV, centre = build_votes(pf[:, rows], M, offsets, dtype, ws)
-            contract = Contractions()
-            mu, logit_a = route(
-                VV, acts[rows].to(dtype), beta_u.to(dtype), beta_a.to(dtype),
-                lambdas, cost_norm, var_floor, normalize_for(n), contract,
-            )  # fmt: skip
+            a = acts[rows].to(dtype)
+            mu, logit_a, outputs, _ = route(VV, a, bu, ba, lambdas, cost_norm, var_floor, normalize_for(n))
             mus.append(mu + centre)
             logits.append(logit_a)
-            records.append(contract.outputs)  # small: (GJ, 1, 32) per M-step, (GJ, I, 1) per E-step
+            records.append(outputs)  # small: (G, J, 32) per M-step, (G, J, I) per E-step
         ctx.save_for_backward(pf, W, offsets, acts, beta_u, beta_a)
         ctx.config, ctx.records = config, records
         return torch.cat(mus), torch.cat(logits)
@@ -232,54 +141,35 @@ class FastEMRouting(torch.autograd.Function):
         dtype = routing_dtype(pf.dtype)
         I, J = W.shape[:2]
         M = kron_weights(W).to(dtype)
+        bu, ba = beta_u.detach().to(dtype), beta_a.detach().to(dtype)
         dpf, dM = torch.zeros_like(pf), torch.zeros_like(M)
-        d_acts, d_bu, d_ba = torch.zeros_like(acts), torch.zeros_like(beta_u), torch.zeros_like(beta_a)
-        bu, ba = beta_u.detach().to(dtype).requires_grad_(), beta_a.detach().to(dtype).requires_grad_()
-        ws = Workspace()
+        d_acts, d_bu, d_ba = torch.zeros_like(acts), torch.zeros_like(bu), torch.zeros_like(ba)
+        ws = WORKSPACE
         for chunk, (n, rows) in enumerate(_chunks(I, J, pf.shape[1], per_image, dtype)):
             VV, _ = build_votes(pf[:, rows], M, offsets, dtype, ws)
             G = VV.shape[0]
-            # 1. replay the routing on the small tensors with the recorded contraction outputs
-            a = acts[rows].detach().to(dtype).requires_grad_()
-            contract = Contractions(saved=ctx.records[chunk])
-            with torch.enable_grad():
-                mu, logit_a = route(VV, a, bu, ba, lambdas, cost_norm, var_floor, normalize_for(n), contract)
-                grads = torch.autograd.grad(
-                    (mu, logit_a),
-                    [a, bu, ba],
-                    (d_mu[rows].to(dtype), d_logit[rows].to(dtype)),
-                    allow_unused=True,
-                )
-            d_acts[rows] = _or_zero(grads[0], a).to(acts.dtype)
-            d_bu += _or_zero(grads[1], bu).to(d_bu.dtype)
-            d_ba += _or_zero(grads[2], ba).to(d_ba.dtype)
-            # 2. dVV (G·J, I, 32) as one product: M-steps give R' ⊗ dS, E-steps dlogp ⊗ w
-            left, right = [], []
-            for kind, coeff, g in contract.taps:
-                if g is None:
-                    continue
-                if kind == "M":  # S = R' VV: coeff R' (GJ, 1, I), g (GJ, 1, 32)
-                    left.append(coeff.detach().transpose(1, 2))
-                    right.append(g)
-                else:  # log p = VV w: coeff w (GJ, 32, 1), g (GJ, I, 1)
-                    left.append(g)
-                    right.append(coeff.detach().transpose(1, 2))
-            if not left:  # no gradient reaches the votes
-                continue
-            left, right = torch.cat(left, dim=2), torch.cat(right, dim=1)  # (GJ, I, T), (GJ, T, 32)
-            dVV = torch.bmm(left, right, out=ws.get("dVV", (G * J, I, 32), VV))
-            dv = dVV[..., :16].addcmul_(VV.view_as(dVV)[..., :16], dVV[..., 16:], value=2.0)  # d(v²)/dv = 2v
+            # 1. replay the routing on the small tensors (the recorded products stand in for VV), then
+            #    walk it back: gradients of acts and betas, and VV's gradient as factors L^T Rt
+            a, normalize = acts[rows].detach().to(dtype), normalize_for(n)
+            records = ctx.records[chunk]
+            *_, steps = route(VV, a, bu, ba, lambdas, cost_norm, var_floor, normalize, records, keep_steps=True)
+            da, dbu, dba, L, Rt = route_backward(
+                VV, a, bu, lambdas, cost_norm, normalize, steps, d_mu[rows].to(dtype), d_logit[rows].to(dtype)
+            )
+            d_acts[rows] = da.to(acts.dtype)
+            d_bu += dbu
+            d_ba += dba
+            # 2. dVV (G·J, I, 32) = L^T Rt in one product, then through v² (d(v²)/dv = 2v)
+            dVV = torch.bmm(L.transpose(1, 2), Rt, out=ws.get("dVV", (G * J, I, 32), VV))
+            dv = dVV[..., :16].addcmul_(VV.view_as(dVV)[..., :16], dVV[..., 16:], value=2.0)
             # 3. through the vote product, slot-major: votes (I, G, J·16) = pf M (the centres are
             #    constants here: exact, as the outputs do not depend on them)
             d_votes = ws.get("votes", (I, G, J, 16), VV).copy_(dv.view(G, J, I, 16).permute(2, 0, 1, 3))
             d_votes = d_votes.view(I, G, J * 16).to(pf.dtype)
             dpf[:, rows] = torch.bmm(d_votes, M.transpose(1, 2).to(pf.dtype))
             dM += torch.bmm(pf[:, rows].transpose(1, 2), d_votes)
+        d_bu, d_ba = d_bu.to(beta_u.dtype), d_ba.to(beta_a.dtype)
         return dpf, kron_weights_grad(dM, J).to(W.dtype), None, d_acts, d_bu, d_ba, None
-
-
-def _or_zero(g, like):
-    return torch.zeros_like(like) if g is None else g
 
 
 def _chunks(I: int, J: int, groups: int, per_image: int, dtype):
@@ -309,19 +199,37 @@ def conv_caps(poses, acts, weight, beta_u, beta_a, kernel, stride, competition, 
     pf = patches.permute(5, 6, 3, 0, 1, 2, 4).reshape(I, N * L, 16)  # slot i = (kh·K + kw)·B + b
     a = acts.unfold(1, K, s).unfold(2, K, s).permute(0, 1, 2, 4, 5, 3).reshape(N * L, I)  # (G, I)
     if competition == "patch":
+        units = em_cpu.patch_children(I)
 
         def normalize_for(n):
-            return softmax_over_parents
+            return PatchSoftmax()
     else:
         glob = GlobalSoftmax((H, W), K, s)
+        units = em_cpu.global_children((H, W), K, s, B)
 
         def normalize_for(n):
-            def normalize(logits):  # (n·L, C, I) <-> GlobalSoftmax's (n, L, I, C)
-                return glob(logits.view(n, L, C, I).transpose(-1, -2)).transpose(-1, -2).reshape(n * L, C, I)
+            return _GlobalInRoutingLayout(glob, n, L)
 
-            return normalize
+    return _apply(pf, weight, None, a, beta_u, beta_a, normalize_for, L, units, **options)
 
-    return _apply(pf, weight, None, a, beta_u, beta_a, normalize_for, L, **options)
+
+class _GlobalInRoutingLayout:
+    """GlobalSoftmax on the routing layout (n·L, C, I) <-> its own (n, L, I, C), forward and backward."""
+
+    def __init__(self, glob, n: int, L: int):
+        self.glob, self.n, self.L = glob, n, L
+
+    def _to(self, x):
+        return x.view(self.n, self.L, x.shape[1], x.shape[2]).transpose(-1, -2)
+
+    def _back(self, x):
+        return x.transpose(-1, -2).reshape(self.n * self.L, x.shape[3], x.shape[2])
+
+    def __call__(self, logits):
+        return self._back(self.glob(self._to(logits)))
+
+    def backward(self, R, dR):
+        return self._back(self.glob.backward(self._to(R), self._to(dR)))
 
 
 def class_caps(poses, acts, weight, offsets, beta_u, beta_a, **options):
@@ -332,7 +240,7 @@ def class_caps(poses, acts, weight, offsets, beta_u, beta_a, **options):
     D = weight.shape[0]
     pf = poses.reshape(N, I, 16).transpose(0, 1).contiguous()  # (I, N, 16)
     W = weight.repeat(I // D, 1, 1, 1)  # (I, classes, 4, 4): tiny
-    return _apply(pf, W, offsets, acts, beta_u, beta_a, lambda n: softmax_over_parents, 1, **options)
+    return _apply(pf, W, offsets, acts, beta_u, beta_a, lambda n: PatchSoftmax(), 1, em_cpu.patch_children(I), **options)
 
 
 def _apply(
@@ -344,15 +252,23 @@ def _apply(
     beta_a,
     normalize_for,
     per_image,
+    units,
     *,
     inverse_temperatures,
     cost_norm,
     var_floor,
     return_logits=False,
 ):
+    """Route on the CPU kernel (``models.em_cpu``) where it is available, else with FastEMRouting.
+    ``normalize_for``/``per_image`` describe the competition to FastEMRouting, ``units`` to the kernel."""
+    lambdas = tuple(inverse_temperatures)
     with torch.autocast(device_type=pf.device.type, enabled=False):
-        config = (normalize_for, per_image, tuple(inverse_temperatures), cost_norm, var_floor)
-        mu, logit_a = FastEMRouting.apply(pf, W, offsets, acts, beta_u, beta_a, config)
+        if pf.device.type == "cpu" and em_cpu.kernel() is not None:
+            config = (*units, lambdas, cost_norm, var_floor)
+            mu, logit_a = em_cpu.CPUEMRouting.apply(pf, W, offsets, acts, beta_u, beta_a, config)
+        else:
+            config = (normalize_for, per_image, lambdas, cost_norm, var_floor)
+            mu, logit_a = FastEMRouting.apply(pf, W, offsets, acts, beta_u, beta_a, config)
         return mu, (logit_a if return_logits else torch.sigmoid(logit_a))
 
 
@@ -366,7 +282,7 @@ def route_votes(votes, acts, beta_u, beta_a, *, inverse_temperatures, cost_norm=
     out = [
         _apply(
             pf, votes[g].unflatten(-1, (4, 4)), None, acts[g : g + 1], beta_u, beta_a,
-            lambda n: softmax_over_parents, 1,
+            lambda n: PatchSoftmax(), 1, em_cpu.patch_children(I),
             inverse_temperatures=inverse_temperatures, cost_norm=cost_norm, var_floor=var_floor,
         )
         for g in range(G)

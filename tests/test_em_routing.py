@@ -56,6 +56,24 @@ def test_float64_matches_loop(path, lam, cost_norm, I, J):
     np.testing.assert_allclose(a, want_a, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("lam", LAMBDAS)
+@pytest.mark.parametrize("cost_norm", ["none", "zscore", "scaled"])
+def test_fast_gradients_match_reference_float64(lam, cost_norm):
+    """The fast path's hand-written backward against autograd through em_routing, every input."""
+    rng = np.random.default_rng(7)
+    votes, acts, bu, ba = (torch.as_tensor(x)[None] for x in random_case(rng, 9, 4))
+    bu, ba = bu[0], ba[0]
+    g = torch.Generator().manual_seed(3)
+    d_mu, d_a = torch.randn(1, 4, 16, generator=g, dtype=torch.float64), torch.randn(1, 4, generator=g, dtype=torch.float64)
+    grads = []
+    for path in PATHS.values():
+        inputs = [x.clone().requires_grad_() for x in (votes, acts, bu, ba)]
+        mu, a = path(*inputs, LAMBDAS[lam], cost_norm=cost_norm)
+        grads.append(torch.autograd.grad((mu * d_mu).sum() + (a * d_a).sum(), inputs))
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_float32_matches_loop_statistically(path):
     """Near-ties make the sharp E-step ill-conditioned in float32: judge the error over many cases."""
