@@ -10,9 +10,12 @@ one fresh subprocess builds the model, runs warm-up steps, then times training s
 backward, Adam step) and inference steps on synthetic [0,1] images, and reports the median samples/s.
 Peak memory is the subprocess's peak RSS (``ru_maxrss``) on CPU — a fresh process per configuration,
 so nothing is shared or freed early — and ``torch.cuda.max_memory_allocated`` on CUDA. Capsule nets run
-each routing path (``--routing``, default fast and reference) side by side; the table gives each row's
-speed-up (wall clock and process CPU time) and memory fraction (peak RSS, and peak RSS above the
-process's RSS before the first step) against the reference row of the same model, batch and competition.
+each routing path (``--routing``, default fast and reference; ``fast-torch`` adds the fast path with its
+fused CPU kernel turned off) side by side; the table names the engine that ran (kernel, torch-ops) and
+gives each row's speed-up (wall clock and process CPU time) and memory fraction (peak RSS, and peak RSS
+above the process's RSS before the first step) against the reference row of the same model, batch and
+competition. Every CPU process starts from the same floor (about 700 MB here: torch's import and the
+modules its optimizer imports), which bounds the peak-RSS fraction from below.
 Timings on a shared machine are noisy: compare rows of one invocation (the load average is recorded),
 and rerun on a quiet machine for absolute numbers.
 """
@@ -20,6 +23,7 @@ and rerun on a quiet machine for absolute numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,6 +41,7 @@ from tqdm import tqdm
 import models
 from harness.device import autocast, describe, resolve_device
 from harness.losses import get_loss, resolve_loss_name
+from models import em_cpu
 
 DEFAULT_MODELS = ["em_capsnet_small@32", "em_capsnet@16"]
 EPOCH_IMAGES = 24_300  # smallNORB's training set
@@ -49,7 +54,7 @@ class BenchSpec:
     model: str
     batch: int
     competition: str | None = None  # capsule nets only
-    routing: str | None = None  # capsule nets only: fast | reference
+    routing: str | None = None  # capsule nets only: fast | fast-torch (CPU kernel off) | reference
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | bf16
     compile: bool = False
@@ -64,7 +69,7 @@ class BenchSpec:
     def model_kwargs(self) -> dict:
         kw = dict(in_channels=self.in_channels, num_classes=self.num_classes, input_size=self.input_size)
         if self.routing is not None:
-            kw.update(competition=self.competition, routing=self.routing)
+            kw.update(competition=self.competition, routing=self.routing.removesuffix("-torch"))
         return {**kw, **self.model_args}
 
 
@@ -87,6 +92,18 @@ def _rss_mb() -> float:
 
 def run_spec(spec: BenchSpec, progress: bool = False) -> dict:
     """Measure one configuration in this process; returns a flat record."""
+    with em_cpu.disabled() if spec.routing == "fast-torch" else contextlib.nullcontext():
+        return _measure(spec, progress)
+
+
+def engine(spec: BenchSpec, device: torch.device) -> str | None:
+    """What computes the routing: the reference, or the fast path's CPU kernel, or its PyTorch ops."""
+    if spec.routing is None or spec.routing == "reference":
+        return spec.routing
+    return "kernel" if device.type == "cpu" and em_cpu.kernel() is not None else "torch-ops"
+
+
+def _measure(spec: BenchSpec, progress: bool) -> dict:
     if spec.threads > 0:
         torch.set_num_threads(spec.threads)
     device = resolve_device(spec.device)
@@ -136,6 +153,7 @@ def run_spec(spec: BenchSpec, progress: bool = False) -> dict:
     return dict(
         asdict(spec),
         device_name=describe(device),
+        engine=engine(spec, device),
         n_params=sum(p.numel() for p in model.parameters()),
         train_samples_per_s=train_sps,
         train_step_s=statistics.median(train_times),
@@ -202,14 +220,13 @@ def _ratio(record: dict, key: str, fmt: str) -> str:
 def format_table(records: list[dict]) -> str:
     """One row per configuration; speed-ups (wall and CPU time) and memory fraction vs the reference."""
     head = (
-        f"{'model':<18}{'batch':>6} {'compet.':<8}{'routing':<10}{'train/s':>9}{'infer/s':>9}{'peak MB':>9}"
+        f"{'model':<18}{'batch':>6} {'compet.':<8}{'routing (engine)':<22}"
+        f"{'train/s':>9}{'infer/s':>9}{'peak MB':>9}"
         f"{'speedup':>9}{'cpu-time':>9}{'mem frac':>9}{'epoch min':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in records:
-        left = (
-            f"{r['model']:<18}{r['batch']:>6} {r.get('competition') or '-':<8}{r.get('routing') or '-':<10}"
-        )
+        left = f"{r['model']:<18}{r['batch']:>6} {r.get('competition') or '-':<8}{_routing_label(r):<22}"
         if "error" in r:
             lines.append(left + f"  FAILED: {r['error']}")
             continue
@@ -219,6 +236,13 @@ def format_table(records: list[dict]) -> str:
             left + speed + ratios + f"{_ratio(r, 'memory_fraction', '.3f'):>9}{r['epoch_minutes']:>10.1f}"
         )
     return "\n".join(lines)
+
+
+def _routing_label(record: dict) -> str:
+    routing, eng = record.get("routing"), record.get("engine")
+    if routing is None:
+        return "-"
+    return routing if eng in (None, routing) else f"{routing.removesuffix('-torch')} ({eng})"
 
 
 def build_specs(args) -> list[BenchSpec]:
@@ -272,7 +296,15 @@ def parse_args(argv=None):
     )
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[32], help="for names without @batch")
     p.add_argument("--competition", nargs="+", default=["patch", "global"], choices=["patch", "global"])
-    p.add_argument("--routing", nargs="+", default=["fast", "reference"], choices=["fast", "reference"])
+    p.add_argument(
+        "--routing",
+        nargs="+",
+        default=["fast", "reference"],
+        choices=["fast", "fast-torch", "reference"],
+        help="fast: the fast path (its fused CPU kernel on CPU); fast-torch: the fast path with the "
+        "kernel turned off (its PyTorch ops, as on CUDA); reference: the plain implementation "
+        "(default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: CUDA autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast-path models")
@@ -307,8 +339,8 @@ def main(argv=None) -> list[dict]:
     for r in records:
         if "working_memory_fraction" in r and r.get("routing") != "reference":
             print(
-                f"{r['model']}@{r['batch']} {r['competition']}: working memory (peak RSS above the pre-step "
-                f"RSS) {r['working_memory_fraction']:.3f} of the reference's"
+                f"{r['model']}@{r['batch']} {r['competition']} {_routing_label(r)}: working memory (peak RSS "
+                f"above the pre-step RSS) {r['working_memory_fraction']:.3f} of the reference's"
             )
     for r in records:
         if "global_over_patch" in r:

@@ -32,6 +32,7 @@ _enabled = True
 
 @functools.cache
 def _build():
+    _put_ninja_on_path()
     from torch.utils import cpp_extension
 
     quiet = logging.getLogger("torch.utils.cpp_extension")
@@ -46,14 +47,26 @@ def _build():
     except Exception as error:  # no compiler, no headers, a read-only cache: fall back, loudly once
         reason = str(error).strip().splitlines()[-1][:200] if str(error).strip() else type(error).__name__
         warnings.warn(
-            f"could not build the fused CPU EM-routing kernel ({reason}); capsule nets run the slower PyTorch "
-            f"fast path instead. Install a C++ compiler (g++) to get it, or set {ENV_SWITCH}=0 to silence this.",
+            f"could not build the fused CPU EM-routing kernel ({reason}); capsule nets run the slower "
+            f"PyTorch fast path instead. install a C++ compiler (g++) to get it, or set {ENV_SWITCH}=0 to "
+            "silence this.",
             RuntimeWarning,
             stacklevel=3,
         )
         return None
     finally:
         quiet.level = level
+
+
+def _put_ninja_on_path() -> None:
+    """torch builds with the ``ninja`` on PATH; use the one this project installs (pip ``ninja``) when
+    the virtualenv is not activated."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
 def kernel():
@@ -95,8 +108,10 @@ class CPUEMRouting(torch.autograd.Function):
         dtype = args[0].dtype
         d_mu, d_logit = d_mu.to(dtype).contiguous(), d_logit.to(dtype).contiguous()
         dpf, dW, d_acts, d_bu, d_ba = kernel().em_backward(*args, *_config_args(ctx.config), d_mu, d_logit)
+        I, J = W.shape[:2]
+        dW = dW.view(I, 4, J, 4).permute(0, 2, 1, 3)  # (I, k, J, c) -> (I, J, 4, 4)
         return (
-            dpf.to(pf.dtype), dW.view(W.shape).to(W.dtype), None, d_acts.to(acts.dtype),
+            dpf.to(pf.dtype), dW.to(W.dtype), None, d_acts.to(acts.dtype),
             d_bu.to(beta_u.dtype), d_ba.to(beta_a.dtype), None,
         )  # fmt: skip
 
@@ -105,7 +120,8 @@ def _kernel_args(pf, W, offsets, acts, beta_u, beta_a):
     dtype = torch.float64 if pf.dtype == torch.float64 else torch.float32  # routing_dtype
     I, J = W.shape[:2]
     off = offsets if offsets is not None else pf.new_empty(0)
-    tensors = (pf, W.reshape(I, J, 16), off, acts, beta_u, beta_a)
+    Wrow = W.permute(0, 2, 1, 3).reshape(I, 4, J * 4)  # Wrow[i][k][j·4 + c] = W_ij[k][c]
+    tensors = (pf, Wrow, off, acts, beta_u, beta_a)
     return [t.detach().to(dtype).contiguous() for t in tensors]
 
 

@@ -1,37 +1,39 @@
-"""The fast path of EM routing (``routing="fast"``): DESIGN §4 with a fraction of the memory traffic.
+"""The fast path of EM routing (``routing="fast"``): DESIGN §4 with a fraction of the work and memory.
 
 Same numbers as ``models.em_routing.em_routing`` (tests hold them together in float64 and float32, values
-and gradients, both competition modes). What makes it fast and lean:
+and gradients, both competition modes). Two engines compute it:
+
+- on the CPU, the fused kernel of ``models.em_cpu`` (a C++ extension built on first use): votes,
+  iterations and backward of one receptive field (patch) or image (global) at a time, in cache;
+- on CUDA, or where the kernel cannot be built, the PyTorch ops of this module (``FastEMRouting``).
+
+What makes the PyTorch-ops engine fast and lean:
 
 1. Votes in one batched matmul, in a routing-friendly layout. With vec(P W) = vec(P) (I ⊗ W) row-major,
    all votes of child slot i are one (G, 16) @ (16, J·16) product (``kron_weights``; no tiled weights),
    centred in the same call (``baddbmm`` with each parent's plain mean vote, itself one GEMM), and then
    laid out as (G, J, I, ·) — routing groups G (image × position), parents J, children I — so every
    parent's children are one contiguous block.
-2. One pass over the votes per M-step and per E-step. Centred votes sit next to their squares,
-   VV = [v, v²] (G, J, I, 32). Then
-       M-step  [sum_i R'_ij v_ij, sum_i R'_ij v²_ij]   = R'_j · VV_j        (batched matrix-vector)
-       E-step  sum_h -(v-mu)²/(2 var) = VV_ij · [mu/var, -1/(2 var)] + const_j
-   and var = E[v²] - mu² is numerically safe because v is centred (centring moves the means by a
-   constant and changes neither variances nor assignments). Everything else works on (G, J, I) or
-   (G, J) tensors, 16–32x smaller than the votes.
+2. One pass over the votes per M-step and per E-step (``models.em_fast_routing``). Centred votes sit
+   next to their squares, VV = [v, v²] (G, J, I, 32); M-step sums and E-step logits are batched
+   matrix-vector products with VV, and var = E[v²] - mu² is numerically safe because v is centred
+   (centring moves the means by a constant and changes neither variances nor assignments). Everything
+   else works on (G, J, I) or (G, J) tensors, 16–32x smaller than the votes.
 3. Recomputation instead of storage (``FastEMRouting``, a custom autograd function). The forward keeps
-   the layer's inputs (child poses, weights, activations, betas) and the small outputs of the
-   contractions above, never the votes; the backward rebuilds VV, replays the routing on the small
-   tensors with autograd (the recorded contraction outputs stand in for the products, ``Contractions``),
-   and since VV enters the routing only through those contractions, its gradient is one batched matmul:
-   dVV_i = sum_t R'_t,i dS_t + dlogp_t,i w_t. The vote product's gradient then gives the child poses'
-   and weights' gradients. Per chunk: 5 passes over VV forward, 1 build + 5 + 1 backward.
+   the layer's inputs and the small outputs of the products above, never the votes; the backward
+   rebuilds VV, replays the routing on the small tensors (the recorded products stand in for VV) and
+   walks it back by hand (``route_backward``, no autograd graph), which returns VV's gradient as T outer
+   products applied in one batched matmul; the vote product's gradient then gives the child poses' and
+   weights' gradients. Per chunk: 5 passes over VV forward, 1 build + 5 + 1 backward.
 4. Chunks of images with reused buffers. Routing groups of different images never interact (global
    competition couples positions only within an image), so forward and backward run over chunks of
-   about ``CHUNK_BYTES`` of votes, writing into the same buffers (``Workspace``): the peak memory is one
-   chunk's votes and their gradient, and no chunk after the first pays page faults for fresh memory.
+   about ``CHUNK_BYTES`` of votes, writing into per-thread buffers kept across calls (``Workspace``).
 
-What stands between this and the memory-traffic bound: torch's batched matrix-vector products pay a
-few microseconds per (group, parent) block and the (I×32)·(32×1) orientation runs at half the speed of
-(1×I)·(I×32); the E-step and the next M-step are separate passes over VV. A fused kernel that keeps one
-position's votes in cache for all iterations would remove both. ``torch.compile`` of the model works
-but does not help here (the routing is a custom autograd function; inductor compiles the rest).
+What stands between this engine and the memory-traffic bound: each pass streams VV through memory, the
+batched matrix-vector products pay a few microseconds per (group, parent) block, and the (I×32)·(32×1)
+orientation runs at half the speed of (1×I)·(I×32). The CPU kernel removes all three by keeping one
+unit's votes in cache for every iteration. ``torch.compile`` of the model works but does not help here
+(the routing is a custom autograd function; inductor compiles the rest).
 """
 
 from __future__ import annotations
@@ -152,7 +154,9 @@ class FastEMRouting(torch.autograd.Function):
             #    walk it back: gradients of acts and betas, and VV's gradient as factors L^T Rt
             a, normalize = acts[rows].detach().to(dtype), normalize_for(n)
             records = ctx.records[chunk]
-            *_, steps = route(VV, a, bu, ba, lambdas, cost_norm, var_floor, normalize, records, keep_steps=True)
+            *_, steps = route(
+                VV, a, bu, ba, lambdas, cost_norm, var_floor, normalize, records, keep_steps=True
+            )
             da, dbu, dba, L, Rt = route_backward(
                 VV, a, bu, lambdas, cost_norm, normalize, steps, d_mu[rows].to(dtype), d_logit[rows].to(dtype)
             )
@@ -190,7 +194,7 @@ def conv_caps(poses, acts, weight, beta_u, beta_a, kernel, stride, competition, 
     from models.capsules import GlobalSoftmax  # capsules imports this module
 
     N, H, W, B, _ = poses.shape
-    K, s, C = kernel, stride, weight.shape[1]
+    K, s = kernel, stride
     I = K * K * B
     # child slots of every receptive field, as a view: (N, Ho, Wo, B, 16, K, K)
     patches = poses.unfold(1, K, s).unfold(2, K, s)
@@ -240,7 +244,8 @@ def class_caps(poses, acts, weight, offsets, beta_u, beta_a, **options):
     D = weight.shape[0]
     pf = poses.reshape(N, I, 16).transpose(0, 1).contiguous()  # (I, N, 16)
     W = weight.repeat(I // D, 1, 1, 1)  # (I, classes, 4, 4): tiny
-    return _apply(pf, W, offsets, acts, beta_u, beta_a, lambda n: PatchSoftmax(), 1, em_cpu.patch_children(I), **options)
+    patch = em_cpu.patch_children(I)
+    return _apply(pf, W, offsets, acts, beta_u, beta_a, lambda n: PatchSoftmax(), 1, patch, **options)
 
 
 def _apply(

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from harness import bench
+from models import em_cpu
 
 
 def test_bench_tiny_in_process(tmp_path, capsys):
@@ -17,6 +18,10 @@ def test_bench_tiny_in_process(tmp_path, capsys):
         "--competition",
         "patch",
         "global",
+        "--routing",
+        "fast",
+        "fast-torch",
+        "reference",
         "--steps",
         "1",
         "--warmup",
@@ -25,21 +30,21 @@ def test_bench_tiny_in_process(tmp_path, capsys):
     argv += ["--input-size", "28", "--threads", "1", "--in-process", "--json", str(out)]
     records = bench.main(argv)
     assert [(r["competition"], r["routing"]) for r in records] == [
-        ("patch", "fast"),
-        ("patch", "reference"),
-        ("global", "fast"),
-        ("global", "reference"),
+        (c, r) for c in ("patch", "global") for r in ("fast", "fast-torch", "reference")
     ]
+    kernel = "kernel" if em_cpu.kernel() is not None else "torch-ops"
+    assert [r["engine"] for r in records[:3]] == [kernel, "torch-ops", "reference"]
     for r in records:
         assert "error" not in r, r
         assert r["train_samples_per_s"] > 0 and r["infer_samples_per_s"] > 0 and r["peak_memory_mb"] > 0
         assert r["speedup"] > 0 and r["cpu_speedup"] > 0 and r["memory_fraction"] > 0
-    assert records[1]["speedup"] == 1.0  # the reference against itself
-    assert "global_over_patch" in records[2]
+    assert records[2]["speedup"] == 1.0  # the reference against itself
+    assert "global_over_patch" in records[3]
     saved = json.loads(out.read_text())
-    assert saved["meta"]["command"].startswith("python -m harness.bench") and len(saved["records"]) == 4
+    assert saved["meta"]["command"].startswith("python -m harness.bench") and len(saved["records"]) == 6
     table = capsys.readouterr().out
     assert "em_capsnet_small" in table and "reference" in table and "speedup" in table
+    assert "fast (torch-ops)" in table
 
 
 def test_bench_subprocess_isolation_and_cnn(tmp_path):

@@ -11,6 +11,8 @@ from em_loop import loop_em
 import models
 from models.capsules import ClassCaps, ConvCaps, GlobalSoftmax
 
+pytestmark = pytest.mark.usefixtures("fast_engine")  # every test on both engines of the fast path
+
 LAMBDAS = [0.5, 1.0, 1.5]
 
 

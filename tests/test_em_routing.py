@@ -12,6 +12,8 @@ from em_loop import loop_em_dense
 from models import em_fast
 from models.em_routing import em_routing, inverse_temperatures
 
+pytestmark = pytest.mark.usefixtures("fast_engine")  # every test on both engines of the fast path
+
 LAMBDAS = {
     "official": inverse_temperatures("official", 3, 0.01),
     "linear": inverse_temperatures("linear", 3),
@@ -64,7 +66,8 @@ def test_fast_gradients_match_reference_float64(lam, cost_norm):
     votes, acts, bu, ba = (torch.as_tensor(x)[None] for x in random_case(rng, 9, 4))
     bu, ba = bu[0], ba[0]
     g = torch.Generator().manual_seed(3)
-    d_mu, d_a = torch.randn(1, 4, 16, generator=g, dtype=torch.float64), torch.randn(1, 4, generator=g, dtype=torch.float64)
+    d_mu = torch.randn(1, 4, 16, generator=g, dtype=torch.float64)
+    d_a = torch.randn(1, 4, generator=g, dtype=torch.float64)
     grads = []
     for path in PATHS.values():
         inputs = [x.clone().requires_grad_() for x in (votes, acts, bu, ba)]

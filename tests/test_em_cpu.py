@@ -1,0 +1,68 @@
+"""The fused CPU kernel (models/em_cpu.py): used when built, off by switch, a clean fallback, deterministic.
+Its numbers are tested with every fast-path test (tests/conftest.py runs them on both engines)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from models import em_cpu
+from models.capsules import ConvCaps
+
+
+def kernel_or_skip():
+    if em_cpu.kernel() is None:
+        pytest.skip("the fused CPU kernel could not be built here")
+
+
+def class_logits_grad_fn(model, x):
+    return model.class_caps(*model.conv_caps2(*model.conv_caps1(*model.primary_caps(model.conv1(x)))))[1]
+
+
+def test_fast_path_runs_the_kernel_unless_turned_off():
+    kernel_or_skip()
+    torch.manual_seed(0)
+    model = models.create_model("em_capsnet_small", input_size=28)
+    x = torch.rand(2, 1, 28, 28)
+    assert "CPUEMRouting" in class_logits_grad_fn(model, x).grad_fn.next_functions[0][0].name()
+    with em_cpu.disabled():
+        assert em_cpu.kernel() is None
+        assert "FastEMRouting" in class_logits_grad_fn(model, x).grad_fn.next_functions[0][0].name()
+
+
+def test_environment_switch(monkeypatch):
+    monkeypatch.setenv(em_cpu.ENV_SWITCH, "0")
+    assert em_cpu.kernel() is None
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def fail(**kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    with pytest.warns(RuntimeWarning, match=r"could not build .*command not found.*install a C\+\+ compiler"):
+        assert em_cpu._build.__wrapped__() is None
+
+
+@pytest.mark.parametrize("competition", ["patch", "global"])
+def test_gradients_do_not_depend_on_threads(competition):
+    """Partial sums over fixed blocks of units, added in order: bitwise the same on 1 and 2 threads."""
+    kernel_or_skip()
+    torch.manual_seed(0)
+    layer = ConvCaps(4, 5, 3, 1, [0.01, 0.02, 0.03], competition=competition)
+    poses = torch.randn(6, 7, 7, 4, 16, requires_grad=True)
+    acts = torch.rand(6, 7, 7, 4, requires_grad=True)
+    threads, grads = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            mu, a = layer(poses, acts)
+            inputs = [poses, acts, *layer.parameters()]
+            grads.append(torch.autograd.grad(mu.sum() + a.square().sum(), inputs))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*grads):
+        assert torch.equal(one, two)
