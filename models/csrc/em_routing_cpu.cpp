@@ -74,31 +74,29 @@ struct Unit {
     }
   }
 
-  // V = the votes centred on each parent's mean vote (the centre moves every mean by a constant and
-  // changes no variance or assignment; it keeps E v² - mu² free of cancellation).
-  void build(const T* pf, const T* Wrow, const T* off, int64_t g0) {
+  // V of group l = its votes centred on each parent's mean vote (the centre moves every mean by a
+  // constant and changes no variance or assignment; it keeps E v² - mu² free of cancellation).
+  void build_group(const T* pf, const T* Wrow, const T* off, int64_t g0, int64_t l) {
     const int64_t I = c.I, J = c.J, n = J * 4;
-    for (int64_t l = 0; l < c.L; ++l) {
-      std::fill(centre_rows.begin(), centre_rows.end(), T(0));
-      for (int64_t i = 0; i < I; ++i) {
-        slot_votes(pf + (i * c.G + g0 + l) * 16, Wrow + i * 4 * n, off ? off + i * 16 : nullptr);
+    std::fill(centre_rows.begin(), centre_rows.end(), T(0));
+    for (int64_t i = 0; i < I; ++i) {
+      slot_votes(pf + (i * c.G + g0 + l) * 16, Wrow + i * 4 * n, off ? off + i * 16 : nullptr);
 #pragma omp simd
-        for (int64_t k = 0; k < 4 * n; ++k) centre_rows[k] += rows[k];
-        for (int64_t j = 0; j < J; ++j) {
-          T* v = &V[((l * J + j) * I + i) * 16];
-          for (int r = 0; r < 4; ++r)
-            for (int k = 0; k < 4; ++k) v[r * 4 + k] = rows[r * n + j * 4 + k];
-        }
-      }
+      for (int64_t k = 0; k < 4 * n; ++k) centre_rows[k] += rows[k];
       for (int64_t j = 0; j < J; ++j) {
-        T* ce = &centre[(l * J + j) * 16];
+        T* v = &V[((l * J + j) * I + i) * 16];
         for (int r = 0; r < 4; ++r)
-          for (int k = 0; k < 4; ++k) ce[r * 4 + k] = centre_rows[r * n + j * 4 + k] / T(I);
-        for (int64_t i = 0; i < I; ++i) {
-          T* v = &V[((l * J + j) * I + i) * 16];
+          for (int k = 0; k < 4; ++k) v[r * 4 + k] = rows[r * n + j * 4 + k];
+      }
+    }
+    for (int64_t j = 0; j < J; ++j) {
+      T* ce = &centre[(l * J + j) * 16];
+      for (int r = 0; r < 4; ++r)
+        for (int k = 0; k < 4; ++k) ce[r * 4 + k] = centre_rows[r * n + j * 4 + k] / T(I);
+      for (int64_t i = 0; i < I; ++i) {
+        T* v = &V[((l * J + j) * I + i) * 16];
 #pragma omp simd
-          for (int h = 0; h < 16; ++h) v[h] -= ce[h];
-        }
+        for (int h = 0; h < 16; ++h) v[h] -= ce[h];
       }
     }
   }
@@ -181,8 +179,10 @@ struct Unit {
     }
   }
 
-  // The EM iterations on V (a: the unit's activations (L, I)).
-  void route(const T* a, const T* bu, const T* ba) {
+  // Builds V and runs the EM iterations for the unit of groups g0 .. g0 + L - 1 (a: their activations
+  // (L, I)). Each group's votes are built just before its first M-step, and each iteration's M- and
+  // E-step of a group run back to back, while its votes are in cache.
+  void route(const T* pf, const T* Wrow, const T* off, int64_t g0, const T* a, const T* bu, const T* ba) {
     const int64_t I = c.I, J = c.J;
     const T tiny = std::numeric_limits<T>::min(), log_2pi = T(std::log(2 * M_PI));
     std::fill(x.begin(), x.end(), T(0));
@@ -195,6 +195,7 @@ struct Unit {
       T* wt = &w[t * LJ * 32];
       for (int64_t l = 0; l < c.L; ++l) {
         const T* al = a + l * I;
+        if (t == 0) build_group(pf, Wrow, off, g0, l);
         // M-step: [sum_i R'v, sum_i R'v²] / sum_i R', then sigma² and the cost of each parent
         for (int64_t j = 0; j < J; ++j) {
           const int64_t lj = l * J + j;
@@ -280,8 +281,7 @@ void forward_units(const Config& cfg, const torch::Tensor& pf, const torch::Tens
     const int64_t last = cfg.lambdas.size() - 1;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t g0 = u * L;
-      unit.build(pfp, Wp, offp, g0);
-      unit.route(ap + g0 * I, bup, bap);
+      unit.route(pfp, Wp, offp, g0, ap + g0 * I, bup, bap);
       for (int64_t lj = 0; lj < L * J; ++lj) {
         lgp[g0 * J + lj] = unit.logit[last * L * J + lj];
         for (int h = 0; h < 16; ++h)
@@ -291,73 +291,78 @@ void forward_units(const Config& cfg, const torch::Tensor& pf, const torch::Tens
   });
 }
 
-// The backward of one unit, after unit.build and unit.route: accumulates into d_acts, dpf (the unit's
-// groups only), and the block's partial dWrow, d_beta_u, d_beta_a. VV's gradient is kept factored, as T
-// taps dVV_lji = sum_t tap_t[l,j,i] coef_t[l,j] (M-steps: R' ⊗ dS, E-steps: dx ⊗ w), and applied at the end.
+// The backward of one unit, after unit.route. Accumulates into d_acts and dpf (the unit's groups only)
+// and into the block's partial dWrow, d_beta_u, d_beta_a. VV's gradient is kept factored, as T taps
+// dVV_lji = sum_t tap_t[l,j,i] coef_t[l,j] (M-steps: R' ⊗ dS, E-steps: dx ⊗ w), applied per group once
+// its last tap is known. Only the E-step normalisation couples the groups of a unit, so everything
+// between two normalisations runs group by group, while the group's votes are in cache.
 template <typename T>
-void backward_unit(Unit<T>& unit, const Config& cfg, int64_t g0, const T* pf, const T* Wrow, const T* a, const T* bu,
-                   const T* d_mu, const T* d_logit, T* dpf, T* d_acts, T* dWrow, T* dbu, T* dba,
-                   std::vector<T>& tap, std::vector<T>& coef, std::vector<T>& scratch) {
-  const int64_t I = cfg.I, J = cfg.J, L = cfg.L, LJ = L * J, LJI = LJ * I, iters = cfg.lambdas.size();
-  const int64_t taps = 2 * iters - 1;
-  const T tiny = std::numeric_limits<T>::min();
-  // gradients reaching iteration t's mu, var, log sigma (L, J, 16) and logit (L, J)
-  std::vector<T> g_mu(d_mu, d_mu + LJ * 16), g_var(LJ * 16, T(0)), g_ls(LJ * 16, T(0));
-  std::vector<T> g_logit(d_logit, d_logit + LJ), g_cost(LJ);
-  T* gR = scratch.data();  // (L, J, I)
-  for (int64_t t = iters - 1; t >= 0; --t) {
-    const T lam = T(cfg.lambdas[t]);
-    const T *Rt = &unit.R[t * LJI], *Rs = &unit.Rsum[t * LJ], *mt = &unit.m[t * LJ * 32];
-    const T *qt = &unit.q[t * LJ * 16], *vt = &unit.var[t * LJ * 16], *lst = &unit.ls[t * LJ * 16];
+struct UnitBackward {
+  Unit<T>& u;
+  const Config& c;
+  const int64_t g0;
+  const T *pf, *Wrow, *a, *bu;
+  T *dpf, *d_acts, *dWrow, *dbu, *dba;
+  std::vector<T>&tap, &coef, &gR;  // (taps, L, J, I), (taps, L, J, 32), (L, J, I)
+  // gradients reaching iteration t's mu, var, log sigma (L, J, 16) and logit (L, J), for the t at hand
+  std::vector<T> g_mu, g_var, g_ls, g_logit;
+
+  // M-step t of group l: from g_mu/g_var/g_ls/g_logit to gR = d R_t (and d acts, d betas, the tap)
+  void m_step(int64_t t, int64_t l) {
+    const int64_t I = c.I, J = c.J, LJ = c.L * J, LJI = LJ * I;
+    const T lam = T(c.lambdas[t]), tiny = std::numeric_limits<T>::min();
+    const T *Rt = &u.R[t * LJI], *Rs = &u.Rsum[t * LJ], *mt = &u.m[t * LJ * 32];
+    const T *qt = &u.q[t * LJ * 16], *vt = &u.var[t * LJ * 16], *lst = &u.ls[t * LJ * 16];
     T *tap_M = &tap[2 * t * LJI], *coef_M = &coef[2 * t * LJ * 32];
     // logit = lam (beta_a - norm(cost)), cost = Rsum sum_h (beta_u + log sigma_h)
-    for (int64_t l = 0; l < L; ++l) {
-      for (int64_t j = 0; j < J; ++j) {
-        dba[j] += lam * g_logit[l * J + j];
-        g_cost[l * J + j] = -lam * g_logit[l * J + j];
-      }
-      unit.normalize_cost_backward(&unit.cost[t * LJ + l * J], &g_cost[l * J]);
+    T g_cost[1024];
+    for (int64_t j = 0; j < J; ++j) {
+      dba[j] += lam * g_logit[l * J + j];
+      g_cost[j] = -lam * g_logit[l * J + j];
     }
-    for (int64_t l = 0; l < L; ++l) {
-      const T* al = a + l * I;
-      for (int64_t j = 0; j < J; ++j) {
-        const int64_t lj = l * J + j;
-        const T gc = g_cost[lj], gcr = gc * Rs[lj];
-        T g_Rsum = 0, g_m[32];
-        dbu[j] += 16 * gcr;
-        for (int h = 0; h < 16; ++h) {
-          g_Rsum += gc * (bu[j] + lst[lj * 16 + h]);
-          const T gv = g_var[lj * 16 + h] + (g_ls[lj * 16 + h] + gcr) * T(0.5) / vt[lj * 16 + h];
-          const T gq = qt[lj * 16 + h] >= 0 ? gv : T(0);  // var = clamp_min(q, 0) + floor
-          g_m[h] = g_mu[lj * 16 + h] - 2 * mt[lj * 32 + h] * gq;  // q = E v² - mu²
-          g_m[16 + h] = gq;
-        }
-        const T d = std::max(Rs[lj], tiny);  // m = S / d
-        T* g_S = &coef_M[lj * 32];
-        T gSm = 0;
-        for (int h = 0; h < 32; ++h) {
-          g_S[h] = g_m[h] / d;
-          gSm += g_S[h] * mt[lj * 32 + h];
-        }
-        if (Rs[lj] >= tiny) g_Rsum -= gSm;
-        // S = sum_i R'_i [v_i, v_i²]: dR'_i = v_i.dS1 + v_i².dS2, tap R'_i
-        for (int64_t i = 0; i < I; ++i) {
-          const T* v = &unit.V[(lj * I + i) * 16];
-          T s = 0;
+    u.normalize_cost_backward(&u.cost[t * LJ + l * J], g_cost);
+    const T* al = a + l * I;
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t lj = l * J + j;
+      const T gc = g_cost[j], gcr = gc * Rs[lj];
+      T g_Rsum = 0, g_m[32];
+      dbu[j] += 16 * gcr;
+      for (int h = 0; h < 16; ++h) {
+        g_Rsum += gc * (bu[j] + lst[lj * 16 + h]);
+        const T gv = g_var[lj * 16 + h] + (g_ls[lj * 16 + h] + gcr) * T(0.5) / vt[lj * 16 + h];
+        const T gq = qt[lj * 16 + h] >= 0 ? gv : T(0);  // var = clamp_min(q, 0) + floor
+        g_m[h] = g_mu[lj * 16 + h] - 2 * mt[lj * 32 + h] * gq;  // q = E v² - mu²
+        g_m[16 + h] = gq;
+      }
+      const T d = std::max(Rs[lj], tiny);  // m = S / d
+      T* g_S = &coef_M[lj * 32];
+      T gSm = 0;
+      for (int h = 0; h < 32; ++h) {
+        g_S[h] = g_m[h] / d;
+        gSm += g_S[h] * mt[lj * 32 + h];
+      }
+      if (Rs[lj] >= tiny) g_Rsum -= gSm;
+      // S = sum_i R'_i [v_i, v_i²]: dR'_i = v_i.dS1 + v_i².dS2, tap R'_i
+      for (int64_t i = 0; i < I; ++i) {
+        const T* v = &u.V[(lj * I + i) * 16];
+        T s = 0;
 #pragma omp simd reduction(+ : s)
-          for (int h = 0; h < 16; ++h) s += v[h] * (g_S[h] + v[h] * g_S[16 + h]);
-          const T g_Rp = s + g_Rsum;
-          tap_M[lj * I + i] = Rt[lj * I + i] * al[i];
-          d_acts[(g0 + l) * I + i] += g_Rp * Rt[lj * I + i];  // R' = R a
-          gR[lj * I + i] = g_Rp * al[i];
-        }
+        for (int h = 0; h < 16; ++h) s += v[h] * (g_S[h] + v[h] * g_S[16 + h]);
+        const T g_Rp = s + g_Rsum;
+        tap_M[lj * I + i] = Rt[lj * I + i] * al[i];
+        d_acts[(g0 + l) * I + i] += g_Rp * Rt[lj * I + i];  // R' = R a
+        gR[lj * I + i] = g_Rp * al[i];
       }
     }
-    if (t == 0) break;  // the first R is uniform: a constant
-    unit.normalize_backward(Rt, gR);  // gR: now d of the E-step logits x
-    const T *wp = &unit.w[(t - 1) * LJ * 32], *lp = &unit.logit[(t - 1) * LJ];
-    T *tap_E = &tap[(2 * t - 1) * LJI], *coef_E = &coef[(2 * t - 1) * LJ * 32];
-    for (int64_t lj = 0; lj < LJ; ++lj) {
+  }
+
+  // E-step t of group l (between M-steps t and t+1), given gR = d of its logits x: sets the gradients
+  // reaching iteration t's mu, var, log sigma and logit, and the tap
+  void e_step(int64_t t, int64_t l) {
+    const int64_t I = c.I, J = c.J, LJ = c.L * J, LJI = LJ * I;
+    const T *wp = &u.w[t * LJ * 32], *lp = &u.logit[t * LJ];
+    T *tap_E = &tap[(2 * t + 1) * LJI], *coef_E = &coef[(2 * t + 1) * LJ * 32];
+    for (int64_t lj = l * J; lj < (l + 1) * J; ++lj) {
       // x_i = v_i.w1 + v_i².w2 + const + logsigmoid(logit): dw = sum_i dx_i [v_i, v_i²], tap dx_i
       T g_w[32] = {0}, g_const = 0;
       const T* wl = wp + lj * 32;
@@ -365,7 +370,7 @@ void backward_unit(Unit<T>& unit, const Config& cfg, int64_t g0, const T* pf, co
         const T gx = gR[lj * I + i];
         g_const += gx;
         tap_E[lj * I + i] = gx;
-        const T* v = &unit.V[(lj * I + i) * 16];
+        const T* v = &u.V[(lj * I + i) * 16];
 #pragma omp simd
         for (int h = 0; h < 16; ++h) {
           const T gv = gx * v[h];
@@ -385,14 +390,16 @@ void backward_unit(Unit<T>& unit, const Config& cfg, int64_t g0, const T* pf, co
       }
     }
   }
-  // dv_lji = sum_t tap_t (coef1_t + 2 v coef2_t), then through v = P W (+ offset): dP = dv W^T, dW = P^T dv
-  const int64_t n = J * 4;
-  T* rows = unit.rows.data();  // (4, J·4): dv of one slot, laid out like the votes in slot_votes
-  for (int64_t l = 0; l < L; ++l)
+
+  // Group l's taps are complete: dv_lji = sum_t tap_t (coef1_t + 2 v coef2_t), then through
+  // v = P W (+ offset): dP = dv W^T, dW = P^T dv
+  void votes(int64_t l) {
+    const int64_t I = c.I, J = c.J, LJ = c.L * J, LJI = LJ * I, n = J * 4, taps = 2 * c.lambdas.size() - 1;
+    T* rows = u.rows.data();  // (4, J·4): dv of one slot, laid out like the votes in slot_votes
     for (int64_t i = 0; i < I; ++i) {
       for (int64_t j = 0; j < J; ++j) {
         const int64_t lj = l * J + j;
-        const T* v = &unit.V[(lj * I + i) * 16];
+        const T* v = &u.V[(lj * I + i) * 16];
         T dv[16] = {0};
         for (int64_t k = 0; k < taps; ++k) {
           const T tk = tap[k * LJI + lj * I + i];
@@ -403,8 +410,8 @@ void backward_unit(Unit<T>& unit, const Config& cfg, int64_t g0, const T* pf, co
         for (int r = 0; r < 4; ++r)
           for (int k = 0; k < 4; ++k) rows[r * n + j * 4 + k] = dv[r * 4 + k];
       }
-      const T* P = pf + (i * cfg.G + g0 + l) * 16;
-      T* dP = dpf + (i * cfg.G + g0 + l) * 16;
+      const T* P = pf + (i * c.G + g0 + l) * 16;
+      T* dP = dpf + (i * c.G + g0 + l) * 16;
       const T* Wi = Wrow + i * 4 * n;
       T* dWi = dWrow + i * 4 * n;
       for (int r = 0; r < 4; ++r)
@@ -421,7 +428,29 @@ void backward_unit(Unit<T>& unit, const Config& cfg, int64_t g0, const T* pf, co
           dWi[k * n + e] += p0 * rows[e] + p1 * rows[n + e] + p2 * rows[2 * n + e] + p3 * rows[3 * n + e];
       }
     }
-}
+  }
+
+  // The whole backward, from d mu and d logit of the last iteration (L, J, 16), (L, J).
+  void run(const T* d_mu, const T* d_logit) {
+    const int64_t L = c.L, LJ = L * c.J, last = c.lambdas.size() - 1;
+    g_mu.assign(d_mu, d_mu + LJ * 16);
+    g_logit.assign(d_logit, d_logit + LJ);
+    g_var.assign(LJ * 16, T(0));
+    g_ls.assign(LJ * 16, T(0));
+    for (int64_t l = 0; l < L; ++l) {
+      m_step(last, l);
+      if (last == 0) votes(l);
+    }
+    for (int64_t t = last; t >= 1; --t) {
+      u.normalize_backward(&u.R[t * LJ * c.I], gR.data());  // gR: now d of E-step t-1's logits
+      for (int64_t l = 0; l < L; ++l) {
+        e_step(t - 1, l);
+        m_step(t - 1, l);
+        if (t == 1) votes(l);  // the first R is uniform: a constant, so M-step 0 is the last tap
+      }
+    }
+  }
+};
 
 template <typename T>
 void backward_units(const Config& cfg, const torch::Tensor& pf, const torch::Tensor& Wrow, const torch::Tensor& off,
@@ -436,16 +465,15 @@ void backward_units(const Config& cfg, const torch::Tensor& pf, const torch::Ten
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     Unit<T> unit(cfg);
     const int64_t LJ = L * J, taps = 2 * cfg.lambdas.size() - 1;
-    std::vector<T> tap(taps * LJ * I), coef(taps * LJ * 32), scratch(LJ * I);
+    std::vector<T> tap(taps * LJ * I), coef(taps * LJ * 32), gR(LJ * I);
     for (int64_t b = b0; b < b1; ++b) {
       T* dW = dW_part.data_ptr<T>() + b * I * J * 16;
       T *dbu = dbu_part.data_ptr<T>() + b * J, *dba = dba_part.data_ptr<T>() + b * J;
       for (int64_t u = b * units / blocks; u < (b + 1) * units / blocks; ++u) {
         const int64_t g0 = u * L;
-        unit.build(pfp, Wp, offp, g0);
-        unit.route(ap + g0 * I, bup, bap);
-        backward_unit<T>(unit, cfg, g0, pfp, Wp, ap + g0 * I, bup, dmup + g0 * J * 16, dlgp + g0 * J, dpfp, dap, dW,
-                         dbu, dba, tap, coef, scratch);
+        unit.route(pfp, Wp, offp, g0, ap + g0 * I, bup, bap);
+        UnitBackward<T>{unit, cfg, g0, pfp, Wp, ap + g0 * I, bup, dpfp, dap, dW, dbu, dba, tap, coef, gR}.run(
+            dmup + g0 * J * 16, dlgp + g0 * J);
       }
     }
   });
