@@ -12,8 +12,18 @@
 // Wrow[i][k][j·4 + c] = W_ij[k][c], offsets (I, 16) or empty, acts (G, I), beta_u and beta_a (J). Groups of
 // unit u are u·L .. u·L + L - 1. Votes are kept as V (L, J, I, 16); their squares are formed on the fly.
 
+// ATen's SIMD vectors (at::vec::Vectorized, exp from SLEEF inside libtorch) at the width this build targets
+#if defined(__AVX512F__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,6 +41,7 @@ struct Config {
   double var_floor;
   std::vector<double> lambdas;
   const int32_t* child_of;
+  int64_t run;  // child_of comes in runs of this many consecutive children (see Unit::run_base)
 };
 
 template <typename T>
@@ -38,6 +49,15 @@ T log_sigmoid(T z) { return z < 0 ? z - std::log1p(std::exp(z)) : -std::log1p(st
 
 template <typename T>
 T sigmoid(T z) { return z >= 0 ? T(1) / (T(1) + std::exp(-z)) : std::exp(z) / (T(1) + std::exp(z)); }
+
+// x[0..n) = exp(x), vectorised (SLEEF, within 1 ulp)
+template <typename T>
+void exp_inplace(T* x, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) Vec::loadu(x + i).exp().store(x + i);
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
 
 // Per-thread state of one unit. (L, J, ...) arrays are indexed [l][j][...]; "per iteration" arrays
 // hold one such array per routing iteration, all kept for the backward.
@@ -57,7 +77,6 @@ struct Unit {
         var(iters * LJ * 16), ls(iters * LJ * 16), cost(iters * LJ), logit(iters * LJ), w(iters * LJ * 32),
         x(LJI), child_max(cfg.children), child_sum(cfg.children), rows(cfg.J * 16), centre_rows(cfg.J * 16) {}
 
-  int32_t child(int64_t l, int64_t i) const { return c.child_of[l * c.I + i]; }
 
   // rows[r][j·4 + c] = (P W_ij)[r][c] + offset_i[r][c], for every parent j at once.
   void slot_votes(const T* P, const T* Wrow_i, const T* off_i) {
@@ -101,45 +120,89 @@ struct Unit {
     }
   }
 
+  // child_of runs: slots q·run .. q·run + run - 1 of a group are children base .. base + run - 1
+  // (a receptive-field offset's B types; all I slots under patch competition), so the loops over a
+  // child's parents below run over contiguous children and vectorise.
+  const int32_t* run_base(int64_t l) const { return c.child_of + l * c.I; }
+
+  // The first R: uniform over each child's parents (what normalize gives for all-zero logits).
+  void uniform(T* Rt) {
+    const int64_t I = c.I, J = c.J, run = c.run;
+    T* cnt = child_sum.data();
+    std::fill(child_sum.begin(), child_sum.end(), T(0));
+    for (int64_t l = 0; l < c.L; ++l)
+      for (int64_t q = 0; q < I; q += run) {
+        T* s = cnt + run_base(l)[q];
+#pragma omp simd
+        for (int64_t b = 0; b < run; ++b) s[b] += T(J);
+      }
+    for (int64_t l = 0; l < c.L; ++l)
+      for (int64_t j = 0; j < J; ++j)
+        for (int64_t q = 0; q < I; q += run) {
+          const T* s = cnt + run_base(l)[q];
+          T* r = Rt + (l * J + j) * I + q;
+#pragma omp simd
+          for (int64_t b = 0; b < run; ++b) r[b] = T(1) / s[b];
+        }
+  }
+
   // R = softmax of xs over all the parents of each child (both (L, J, I)).
   void normalize(const T* xs, T* Rt) {
-    const int64_t I = c.I, J = c.J;
+    const int64_t I = c.I, J = c.J, run = c.run;
+    T *mx = child_max.data(), *sum = child_sum.data();
     std::fill(child_max.begin(), child_max.end(), -std::numeric_limits<T>::infinity());
     std::fill(child_sum.begin(), child_sum.end(), T(0));
     for (int64_t l = 0; l < c.L; ++l)
       for (int64_t j = 0; j < J; ++j)
-        for (int64_t i = 0; i < I; ++i) {
-          T& mx = child_max[child(l, i)];
-          mx = std::max(mx, xs[(l * J + j) * I + i]);
+        for (int64_t q = 0; q < I; q += run) {
+          T* m_ = mx + run_base(l)[q];
+          const T* x_ = xs + (l * J + j) * I + q;
+#pragma omp simd
+          for (int64_t b = 0; b < run; ++b) m_[b] = std::max(m_[b], x_[b]);
         }
     for (int64_t l = 0; l < c.L; ++l)
       for (int64_t j = 0; j < J; ++j)
-        for (int64_t i = 0; i < I; ++i) {
-          const int32_t ch = child(l, i);
-          const T e = std::exp(xs[(l * J + j) * I + i] - child_max[ch]);
-          Rt[(l * J + j) * I + i] = e;
-          child_sum[ch] += e;
+        for (int64_t q = 0; q < I; q += run) {
+          const int64_t base = run_base(l)[q];
+          const T* x_ = xs + (l * J + j) * I + q;
+          T* r = Rt + (l * J + j) * I + q;
+#pragma omp simd
+          for (int64_t b = 0; b < run; ++b) r[b] = x_[b] - mx[base + b];
+          exp_inplace(r, run);
+#pragma omp simd
+          for (int64_t b = 0; b < run; ++b) sum[base + b] += r[b];
         }
     for (int64_t l = 0; l < c.L; ++l)
       for (int64_t j = 0; j < J; ++j)
-        for (int64_t i = 0; i < I; ++i) Rt[(l * J + j) * I + i] /= child_sum[child(l, i)];
+        for (int64_t q = 0; q < I; q += run) {
+          const T* s = sum + run_base(l)[q];
+          T* r = Rt + (l * J + j) * I + q;
+#pragma omp simd
+          for (int64_t b = 0; b < run; ++b) r[b] /= s[b];
+        }
   }
 
   // dx from dR for R = normalize(x): R (dR - sum over the child's parents of R dR); in place on dR.
   void normalize_backward(const T* Rt, T* dR) {
-    const int64_t I = c.I, J = c.J;
+    const int64_t I = c.I, J = c.J, run = c.run;
+    T* sum = child_sum.data();
     std::fill(child_sum.begin(), child_sum.end(), T(0));
     for (int64_t l = 0; l < c.L; ++l)
       for (int64_t j = 0; j < J; ++j)
-        for (int64_t i = 0; i < I; ++i) {
-          const int64_t k = (l * J + j) * I + i;
-          child_sum[child(l, i)] += Rt[k] * dR[k];
+        for (int64_t q = 0; q < I; q += run) {
+          T* s = sum + run_base(l)[q];
+          const T *r = Rt + (l * J + j) * I + q, *d = dR + (l * J + j) * I + q;
+#pragma omp simd
+          for (int64_t b = 0; b < run; ++b) s[b] += r[b] * d[b];
         }
     for (int64_t l = 0; l < c.L; ++l)
       for (int64_t j = 0; j < J; ++j)
-        for (int64_t i = 0; i < I; ++i) {
-          const int64_t k = (l * J + j) * I + i;
-          dR[k] = Rt[k] * (dR[k] - child_sum[child(l, i)]);
+        for (int64_t q = 0; q < I; q += run) {
+          const T* s = sum + run_base(l)[q];
+          const T* r = Rt + (l * J + j) * I + q;
+          T* d = dR + (l * J + j) * I + q;
+#pragma omp simd
+          for (int64_t b = 0; b < run; ++b) d[b] = r[b] * (d[b] - s[b]);
         }
   }
 
@@ -185,8 +248,7 @@ struct Unit {
   void route(const T* pf, const T* Wrow, const T* off, int64_t g0, const T* a, const T* bu, const T* ba) {
     const int64_t I = c.I, J = c.J;
     const T tiny = std::numeric_limits<T>::min(), log_2pi = T(std::log(2 * M_PI));
-    std::fill(x.begin(), x.end(), T(0));
-    normalize(x.data(), R.data());  // the first R: uniform over each child's parents
+    uniform(R.data());  // the first R: uniform over each child's parents
     for (int64_t t = 0; t < iters; ++t) {
       const T lam = T(c.lambdas[t]);
       const bool last = t == iters - 1;
@@ -483,8 +545,18 @@ Config make_config(const torch::Tensor& pf, const torch::Tensor& Wrow, const tor
                    int64_t children, const std::vector<double>& lambdas, int64_t cost_norm, double var_floor) {
   TORCH_CHECK(child_of.scalar_type() == torch::kInt32 && child_of.is_contiguous(), "child_of: contiguous int32");
   TORCH_CHECK(cost_norm >= 0 && cost_norm <= 2 && !lambdas.empty(), "em_routing_cpu: bad options");
-  return Config{pf.size(0), Wrow.size(2) / 4, L, pf.size(1), children, int(cost_norm), var_floor, lambdas,
-                child_of.data_ptr<int32_t>()};
+  const int64_t I = pf.size(0);
+  const int32_t* ch = child_of.data_ptr<int32_t>();
+  for (int64_t i = 0; i < L * I; ++i)
+    TORCH_CHECK(ch[i] >= 0 && ch[i] < children, "em_routing_cpu: child_of out of range");
+  int64_t run = 1;  // the longest run length that divides I and holds everywhere
+  while (run < I && ch[run] == ch[0] + run) ++run;
+  for (; run > 1; --run) {
+    bool holds = I % run == 0;
+    for (int64_t i = 0; holds && i < L * I; ++i) holds = (i % I) % run == 0 || ch[i] == ch[i - 1] + 1;
+    if (holds) break;
+  }
+  return Config{I, Wrow.size(2) / 4, L, pf.size(1), children, int(cost_norm), var_floor, lambdas, ch, run};
 }
 
 }  // namespace
