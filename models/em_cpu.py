@@ -116,6 +116,15 @@ class CPUEMRouting(torch.autograd.Function):
         )  # fmt: skip
 
 
+@torch.compiler.disable  # torch.compile runs this as it is (a graph break), never traces into it
+def try_route(pf, W, offsets, acts, beta_u, beta_a, config):
+    """``CPUEMRouting`` applied: poses (G, J, 16) and activation logits (G, J); None where the kernel is
+    off or unavailable (the caller routes another way)."""
+    if kernel() is None:
+        return None
+    return CPUEMRouting.apply(pf, W, offsets, acts, beta_u, beta_a, config)
+
+
 def _kernel_args(pf, W, offsets, acts, beta_u, beta_a):
     dtype = torch.float64 if pf.dtype == torch.float64 else torch.float32  # routing_dtype
     I, J = W.shape[:2]

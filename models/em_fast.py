@@ -268,12 +268,14 @@ def _apply(
     ``normalize_for``/``per_image`` describe the competition to FastEMRouting, ``units`` to the kernel."""
     lambdas = tuple(inverse_temperatures)
     with torch.autocast(device_type=pf.device.type, enabled=False):
-        if pf.device.type == "cpu" and em_cpu.kernel() is not None:
+        routed = None
+        if pf.device.type == "cpu":
             config = (*units, lambdas, cost_norm, var_floor)
-            mu, logit_a = em_cpu.CPUEMRouting.apply(pf, W, offsets, acts, beta_u, beta_a, config)
-        else:
+            routed = em_cpu.try_route(pf, W, offsets, acts, beta_u, beta_a, config)
+        if routed is None:
             config = (normalize_for, per_image, lambdas, cost_norm, var_floor)
-            mu, logit_a = FastEMRouting.apply(pf, W, offsets, acts, beta_u, beta_a, config)
+            routed = FastEMRouting.apply(pf, W, offsets, acts, beta_u, beta_a, config)
+        mu, logit_a = routed
         return mu, (logit_a if return_logits else torch.sigmoid(logit_a))
 
 

@@ -3,6 +3,8 @@ Its numbers are tested with every fast-path test (tests/conftest.py runs them on
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -66,3 +68,17 @@ def test_gradients_do_not_depend_on_threads(competition):
         torch.set_num_threads(threads)
     for one, two in zip(*grads):
         assert torch.equal(one, two)
+
+
+def test_torch_compile_runs_the_kernel_as_is():
+    """torch.compile of a capsule net breaks its graph around the kernel (no tracing into it, no warning)
+    and gives the eager numbers."""
+    kernel_or_skip()
+    torch.manual_seed(0)
+    model = models.create_model("em_capsnet_small", input_size=28, competition="patch")
+    x = torch.rand(3, 1, 28, 28)
+    want = model(x)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(Dynamo does not know how to trace|Dynamo detected)")
+        got = torch.compile(model)(x)
+    torch.testing.assert_close(got, want)
