@@ -6,7 +6,7 @@ field under patch competition, one image under global competition) in per-thread
 cache, and recomputes the votes in the backward instead of storing them. Same math, same numbers (the
 tests hold it to the reference in float64 and float32, values and gradients).
 
-It is compiled with the machine's C++ compiler on first use (about 30 s, then cached by
+It is compiled with the machine's C++ compiler on first use (about 25 s, then cached by
 ``torch.utils.cpp_extension`` under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 Where it cannot be built, or with ``CAPSBENCH_CPU_KERNEL=0``, the fast path runs ``models.em_fast``'s
 PyTorch implementation instead (slower, same results); CUDA always does.
@@ -48,7 +48,7 @@ def _build():
         reason = str(error).strip().splitlines()[-1][:200] if str(error).strip() else type(error).__name__
         warnings.warn(
             f"could not build the fused CPU EM-routing kernel ({reason}); capsule nets run the slower "
-            f"PyTorch fast path instead. install a C++ compiler (g++) to get it, or set {ENV_SWITCH}=0 to "
+            f"PyTorch fast path instead. Install a C++ compiler (g++) to get it, or set {ENV_SWITCH}=0 to "
             "silence this.",
             RuntimeWarning,
             stacklevel=3,

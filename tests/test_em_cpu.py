@@ -45,7 +45,7 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         raise RuntimeError("Error building extension: c++: command not found")
 
     monkeypatch.setattr(cpp_extension, "load", fail)
-    with pytest.warns(RuntimeWarning, match=r"could not build .*command not found.*install a C\+\+ compiler"):
+    with pytest.warns(RuntimeWarning, match=r"could not build .*command not found.*Install a C\+\+ compiler"):
         assert em_cpu._build.__wrapped__() is None
 
 

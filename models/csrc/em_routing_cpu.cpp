@@ -41,7 +41,7 @@ struct Config {
   double var_floor;
   std::vector<double> lambdas;
   const int32_t* child_of;
-  int64_t run;  // child_of comes in runs of this many consecutive children (see Unit::run_base)
+  int64_t run;  // child_of comes in runs of this many consecutive children (see Unit::for_each_run)
 };
 
 template <typename T>
@@ -120,90 +120,68 @@ struct Unit {
     }
   }
 
-  // child_of runs: slots q·run .. q·run + run - 1 of a group are children base .. base + run - 1
-  // (a receptive-field offset's B types; all I slots under patch competition), so the loops over a
-  // child's parents below run over contiguous children and vectorise.
-  const int32_t* run_base(int64_t l) const { return c.child_of + l * c.I; }
+  // Calls f(child, k) for every run of slots: entries k .. k + run - 1 of an (L, J, I) array belong to
+  // children child .. child + run - 1 (child_of comes in runs of consecutive children: a receptive-field
+  // offset's types under global competition, all I slots under patch competition), so the loops over
+  // a child's parents below run over contiguous children and vectorise.
+  template <typename F>
+  void for_each_run(F f) const {
+    for (int64_t l = 0; l < c.L; ++l)
+      for (int64_t j = 0; j < c.J; ++j)
+        for (int64_t q = 0; q < c.I; q += c.run) f(int64_t(c.child_of[l * c.I + q]), (l * c.J + j) * c.I + q);
+  }
 
   // The first R: uniform over each child's parents (what normalize gives for all-zero logits).
   void uniform(T* Rt) {
-    const int64_t I = c.I, J = c.J, run = c.run;
-    T* cnt = child_sum.data();
+    const int64_t run = c.run;
+    T* count = child_sum.data();
     std::fill(child_sum.begin(), child_sum.end(), T(0));
-    for (int64_t l = 0; l < c.L; ++l)
-      for (int64_t q = 0; q < I; q += run) {
-        T* s = cnt + run_base(l)[q];
+    for_each_run([&](int64_t ch, int64_t) {
 #pragma omp simd
-        for (int64_t b = 0; b < run; ++b) s[b] += T(J);
-      }
-    for (int64_t l = 0; l < c.L; ++l)
-      for (int64_t j = 0; j < J; ++j)
-        for (int64_t q = 0; q < I; q += run) {
-          const T* s = cnt + run_base(l)[q];
-          T* r = Rt + (l * J + j) * I + q;
+      for (int64_t b = 0; b < run; ++b) count[ch + b] += 1;
+    });
+    for_each_run([&](int64_t ch, int64_t k) {
 #pragma omp simd
-          for (int64_t b = 0; b < run; ++b) r[b] = T(1) / s[b];
-        }
+      for (int64_t b = 0; b < run; ++b) Rt[k + b] = T(1) / count[ch + b];
+    });
   }
 
   // R = softmax of xs over all the parents of each child (both (L, J, I)).
   void normalize(const T* xs, T* Rt) {
-    const int64_t I = c.I, J = c.J, run = c.run;
+    const int64_t run = c.run;
     T *mx = child_max.data(), *sum = child_sum.data();
     std::fill(child_max.begin(), child_max.end(), -std::numeric_limits<T>::infinity());
     std::fill(child_sum.begin(), child_sum.end(), T(0));
-    for (int64_t l = 0; l < c.L; ++l)
-      for (int64_t j = 0; j < J; ++j)
-        for (int64_t q = 0; q < I; q += run) {
-          T* m_ = mx + run_base(l)[q];
-          const T* x_ = xs + (l * J + j) * I + q;
+    for_each_run([&](int64_t ch, int64_t k) {
 #pragma omp simd
-          for (int64_t b = 0; b < run; ++b) m_[b] = std::max(m_[b], x_[b]);
-        }
-    for (int64_t l = 0; l < c.L; ++l)
-      for (int64_t j = 0; j < J; ++j)
-        for (int64_t q = 0; q < I; q += run) {
-          const int64_t base = run_base(l)[q];
-          const T* x_ = xs + (l * J + j) * I + q;
-          T* r = Rt + (l * J + j) * I + q;
+      for (int64_t b = 0; b < run; ++b) mx[ch + b] = std::max(mx[ch + b], xs[k + b]);
+    });
+    for_each_run([&](int64_t ch, int64_t k) {
 #pragma omp simd
-          for (int64_t b = 0; b < run; ++b) r[b] = x_[b] - mx[base + b];
-          exp_inplace(r, run);
+      for (int64_t b = 0; b < run; ++b) Rt[k + b] = xs[k + b] - mx[ch + b];
+      exp_inplace(Rt + k, run);
 #pragma omp simd
-          for (int64_t b = 0; b < run; ++b) sum[base + b] += r[b];
-        }
-    for (int64_t l = 0; l < c.L; ++l)
-      for (int64_t j = 0; j < J; ++j)
-        for (int64_t q = 0; q < I; q += run) {
-          const T* s = sum + run_base(l)[q];
-          T* r = Rt + (l * J + j) * I + q;
+      for (int64_t b = 0; b < run; ++b) sum[ch + b] += Rt[k + b];
+    });
+    for_each_run([&](int64_t ch, int64_t k) {
 #pragma omp simd
-          for (int64_t b = 0; b < run; ++b) r[b] /= s[b];
-        }
+      for (int64_t b = 0; b < run; ++b) Rt[k + b] /= sum[ch + b];
+    });
   }
 
   // dx from dR for R = normalize(x): R (dR - sum over the child's parents of R dR); in place on dR.
   void normalize_backward(const T* Rt, T* dR) {
-    const int64_t I = c.I, J = c.J, run = c.run;
+    const int64_t run = c.run;
     T* sum = child_sum.data();
     std::fill(child_sum.begin(), child_sum.end(), T(0));
-    for (int64_t l = 0; l < c.L; ++l)
-      for (int64_t j = 0; j < J; ++j)
-        for (int64_t q = 0; q < I; q += run) {
-          T* s = sum + run_base(l)[q];
-          const T *r = Rt + (l * J + j) * I + q, *d = dR + (l * J + j) * I + q;
+    for_each_run([&](int64_t ch, int64_t k) {
 #pragma omp simd
-          for (int64_t b = 0; b < run; ++b) s[b] += r[b] * d[b];
-        }
-    for (int64_t l = 0; l < c.L; ++l)
-      for (int64_t j = 0; j < J; ++j)
-        for (int64_t q = 0; q < I; q += run) {
-          const T* s = sum + run_base(l)[q];
-          const T* r = Rt + (l * J + j) * I + q;
-          T* d = dR + (l * J + j) * I + q;
+      for (int64_t b = 0; b < run; ++b) sum[ch + b] += Rt[k + b] * dR[k + b];
+    });
+    for_each_run([&](int64_t ch, int64_t k) {
 #pragma omp simd
-          for (int64_t b = 0; b < run; ++b) d[b] = r[b] * (d[b] - s[b]);
-        }
+      for (int64_t b = 0; b < run; ++b) dR[k + b] = Rt[k + b] * (dR[k + b] - sum[ch + b]);
+    });
   }
 
   // The J costs of one group -> normalised (models.em_routing.normalize_cost), in place.
@@ -354,9 +332,9 @@ void forward_units(const Config& cfg, const torch::Tensor& pf, const torch::Tens
 }
 
 // The backward of one unit, after unit.route. Accumulates into d_acts and dpf (the unit's groups only)
-// and into the block's partial dWrow, d_beta_u, d_beta_a. VV's gradient is kept factored, as T taps
-// dVV_lji = sum_t tap_t[l,j,i] coef_t[l,j] (M-steps: R' ⊗ dS, E-steps: dx ⊗ w), applied per group once
-// its last tap is known. Only the E-step normalisation couples the groups of a unit, so everything
+// and into the block's partial dWrow, d_beta_u, d_beta_a. The gradient of [v, v²] is kept factored, as
+// T taps d[v, v²]_lji = sum_t tap_t[l,j,i] coef_t[l,j] (M-steps: R' ⊗ dS, E-steps: dx ⊗ w), applied per
+// group once its last tap is known. Only the E-step normalisation couples the groups of a unit, so everything
 // between two normalisations runs group by group, while the group's votes are in cache.
 template <typename T>
 struct UnitBackward {
