@@ -211,6 +211,7 @@ def add_ratios(records: list[dict]) -> None:
         p = patch.get((r["model"], r["batch"], r.get("routing"), r["device"], r["precision"]))
         if r.get("competition") == "global" and p is not None and "error" not in r:
             r["global_over_patch"] = p["train_samples_per_s"] / r["train_samples_per_s"]
+            r["global_over_patch_cpu"] = r["train_cpu_s"] / p["train_cpu_s"]
 
 
 def _ratio(record: dict, key: str, fmt: str) -> str:
@@ -345,7 +346,8 @@ def main(argv=None) -> list[dict]:
     for r in records:
         if "global_over_patch" in r:
             print(
-                f"{r['model']}@{r['batch']} {r['routing']}: global costs {r['global_over_patch']:.2f}x patch"
+                f"{r['model']}@{r['batch']} {r['routing']}: global costs {r['global_over_patch']:.2f}x patch "
+                f"({r['global_over_patch_cpu']:.2f}x in process CPU time)"
             )
     load = os.getloadavg()
     print(
