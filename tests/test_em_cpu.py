@@ -3,6 +3,7 @@ Its numbers are tested with every fast-path test (tests/conftest.py runs them on
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -45,8 +46,15 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         raise RuntimeError("Error building extension: c++: command not found")
 
     monkeypatch.setattr(cpp_extension, "load", fail)
+    monkeypatch.setattr(em_cpu, "_build", functools.cache(em_cpu._build.__wrapped__))  # a fresh cache
     with pytest.warns(RuntimeWarning, match=r"could not build .*command not found.*Install a C\+\+ compiler"):
-        assert em_cpu._build.__wrapped__() is None
+        assert em_cpu.kernel() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert em_cpu.kernel() is None  # said once
+        model = models.create_model("em_capsnet_small", input_size=28)
+        grad_fn = class_logits_grad_fn(model, torch.rand(2, 1, 28, 28)).grad_fn
+    assert "FastEMRouting" in grad_fn.next_functions[0][0].name()
 
 
 @pytest.mark.parametrize("competition", ["patch", "global"])
