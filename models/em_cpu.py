@@ -117,11 +117,14 @@ class CPUEMRouting(torch.autograd.Function):
 
 
 @torch.compiler.disable  # torch.compile runs this as it is (a graph break), never traces into it
-def try_route(pf, W, offsets, acts, beta_u, beta_a, config):
+def try_route(pf, W, offsets, acts, beta_u, beta_a, global_grid, lambdas, cost_norm, var_floor):
     """``CPUEMRouting`` applied: poses (G, J, 16) and activation logits (G, J); None where the kernel is
-    off or unavailable (the caller routes another way)."""
+    off or unavailable (the caller routes another way). ``global_grid``: None for patch competition, or
+    (in_hw, kernel_size, stride, types) of a global-competition ConvCaps (see ``global_children``)."""
     if kernel() is None:
         return None
+    units = patch_children(pf.shape[0]) if global_grid is None else global_children(*global_grid)
+    config = (*units, lambdas, cost_norm, var_floor)
     return CPUEMRouting.apply(pf, W, offsets, acts, beta_u, beta_a, config)
 
 
@@ -139,11 +142,13 @@ def _config_args(config):
     return child_of, L, children, list(lambdas), COST_NORMS[cost_norm], var_floor
 
 
+@functools.cache  # built once per layer geometry, not on every forward; callers only read it
 def patch_children(I: int) -> tuple[torch.Tensor, int, int]:
     """Units of one group whose I children each compete alone: (child_of, L = 1, children = I)."""
     return torch.arange(I, dtype=torch.int32), 1, I
 
 
+@functools.cache
 def global_children(in_hw, kernel_size, stride, types) -> tuple[torch.Tensor, int, int]:
     """Units of one image (L = Ho·Wo groups) under global competition: slot i = (kh·K + kw)·B + b of
     position (ho, wo) is the child at (ho·s + kh, wo·s + kw, b) of the (H, W, B) input grid."""

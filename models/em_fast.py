@@ -203,18 +203,18 @@ def conv_caps(poses, acts, weight, beta_u, beta_a, kernel, stride, competition, 
     pf = patches.permute(5, 6, 3, 0, 1, 2, 4).reshape(I, N * L, 16)  # slot i = (kh·K + kw)·B + b
     a = acts.unfold(1, K, s).unfold(2, K, s).permute(0, 1, 2, 4, 5, 3).reshape(N * L, I)  # (G, I)
     if competition == "patch":
-        units = em_cpu.patch_children(I)
+        global_grid = None
 
         def normalize_for(n):
             return PatchSoftmax()
     else:
         glob = GlobalSoftmax((H, W), K, s)
-        units = em_cpu.global_children((H, W), K, s, B)
+        global_grid = ((H, W), K, s, B)
 
         def normalize_for(n):
             return _GlobalInRoutingLayout(glob, n, L)
 
-    return _apply(pf, weight, None, a, beta_u, beta_a, normalize_for, L, units, **options)
+    return _apply(pf, weight, None, a, beta_u, beta_a, normalize_for, L, global_grid, **options)
 
 
 class _GlobalInRoutingLayout:
@@ -244,8 +244,7 @@ def class_caps(poses, acts, weight, offsets, beta_u, beta_a, **options):
     D = weight.shape[0]
     pf = poses.reshape(N, I, 16).transpose(0, 1).contiguous()  # (I, N, 16)
     W = weight.repeat(I // D, 1, 1, 1)  # (I, classes, 4, 4): tiny
-    patch = em_cpu.patch_children(I)
-    return _apply(pf, W, offsets, acts, beta_u, beta_a, lambda n: PatchSoftmax(), 1, patch, **options)
+    return _apply(pf, W, offsets, acts, beta_u, beta_a, lambda n: PatchSoftmax(), 1, None, **options)
 
 
 def _apply(
@@ -257,7 +256,7 @@ def _apply(
     beta_a,
     normalize_for,
     per_image,
-    units,
+    global_grid,
     *,
     inverse_temperatures,
     cost_norm,
@@ -265,13 +264,15 @@ def _apply(
     return_logits=False,
 ):
     """Route on the CPU kernel (``models.em_cpu``) where it is available, else with FastEMRouting.
-    ``normalize_for``/``per_image`` describe the competition to FastEMRouting, ``units`` to the kernel."""
+    ``normalize_for``/``per_image`` describe the competition to FastEMRouting, ``global_grid`` (None:
+    patch) to the kernel."""
     lambdas = tuple(inverse_temperatures)
     with torch.autocast(device_type=pf.device.type, enabled=False):
         routed = None
         if pf.device.type == "cpu":
-            config = (*units, lambdas, cost_norm, var_floor)
-            routed = em_cpu.try_route(pf, W, offsets, acts, beta_u, beta_a, config)
+            routed = em_cpu.try_route(
+                pf, W, offsets, acts, beta_u, beta_a, global_grid, lambdas, cost_norm, var_floor
+            )
         if routed is None:
             config = (normalize_for, per_image, lambdas, cost_norm, var_floor)
             routed = FastEMRouting.apply(pf, W, offsets, acts, beta_u, beta_a, config)
@@ -289,7 +290,7 @@ def route_votes(votes, acts, beta_u, beta_a, *, inverse_temperatures, cost_norm=
     out = [
         _apply(
             pf, votes[g].unflatten(-1, (4, 4)), None, acts[g : g + 1], beta_u, beta_a,
-            lambda n: PatchSoftmax(), 1, em_cpu.patch_children(I),
+            lambda n: PatchSoftmax(), 1, None,
             inverse_temperatures=inverse_temperatures, cost_norm=cost_norm, var_floor=var_floor,
         )
         for g in range(G)

@@ -56,8 +56,18 @@ class Step:
     w: torch.Tensor | None = None  # (G, J, 32) E-step coefficients [mu/var, -1/(2 var)] (not the last)
 
 
-def route(VV, acts, beta_u, beta_a, lambdas: Sequence[float], cost_norm: str, var_floor: float, normalize,
-          records: list[torch.Tensor] | None = None, keep_steps: bool = False):  # fmt: skip
+def route(
+    VV,
+    acts,
+    beta_u,
+    beta_a,
+    lambdas: Sequence[float],
+    cost_norm: str,
+    var_floor: float,
+    normalize,
+    records: list[torch.Tensor] | None = None,
+    keep_steps: bool = False,
+):
     """EM routing on VV (G, J, I, 32); acts (G, I); beta_u, beta_a (J,); ``normalize`` maps E-step logits
     (G, J, I) to assignments summing to 1 over each child's parents (with a ``backward(R, dR)``).
 

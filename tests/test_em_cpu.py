@@ -19,7 +19,7 @@ def kernel_or_skip():
         pytest.skip("the fused CPU kernel could not be built here")
 
 
-def class_logits_grad_fn(model, x):
+def class_logits(model, x):
     return model.class_caps(*model.conv_caps2(*model.conv_caps1(*model.primary_caps(model.conv1(x)))))[1]
 
 
@@ -28,10 +28,10 @@ def test_fast_path_runs_the_kernel_unless_turned_off():
     torch.manual_seed(0)
     model = models.create_model("em_capsnet_small", input_size=28)
     x = torch.rand(2, 1, 28, 28)
-    assert "CPUEMRouting" in class_logits_grad_fn(model, x).grad_fn.next_functions[0][0].name()
+    assert "CPUEMRouting" in class_logits(model, x).grad_fn.next_functions[0][0].name()
     with em_cpu.disabled():
         assert em_cpu.kernel() is None
-        assert "FastEMRouting" in class_logits_grad_fn(model, x).grad_fn.next_functions[0][0].name()
+        assert "FastEMRouting" in class_logits(model, x).grad_fn.next_functions[0][0].name()
 
 
 def test_environment_switch(monkeypatch):
@@ -53,7 +53,7 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         warnings.simplefilter("error")
         assert em_cpu.kernel() is None  # said once
         model = models.create_model("em_capsnet_small", input_size=28)
-        grad_fn = class_logits_grad_fn(model, torch.rand(2, 1, 28, 28)).grad_fn
+        grad_fn = class_logits(model, torch.rand(2, 1, 28, 28)).grad_fn
     assert "FastEMRouting" in grad_fn.next_functions[0][0].name()
 
 
