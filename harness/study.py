@@ -83,6 +83,7 @@ PARAM_KEYS = {
         "margin_start": "loss.margin_start",
         "margin_end": "loss.margin_end",
         "margin_ramp_epochs": "loss.margin_ramp_epochs",
+        "lr": "optim.lr",
     },
     "cnn": {"lr": "optim.lr", "dropout": "model.args.dropout", "weight_decay": "optim.weight_decay"},
 }

@@ -50,7 +50,8 @@ class SynthnorbConfig:
 
 @dataclass
 class CapsuleSpace:
-    """Search space for capsule models: the inverse-temperature (λ) and margin schedules."""
+    """Search space for capsule models: the inverse-temperature (λ) and margin schedules, and the learning rate
+    (CNNs tune theirs too, so both families search the optimiser's step size with the same budget)."""
 
     # "linear" (λ = 1, 2, 3) saturates the class activations unless cost_norm = "zscore" (the seed article
     # pairs the two): add it together with run.model.args.cost_norm = "zscore"
@@ -61,6 +62,7 @@ class CapsuleSpace:
     margin_start: list[float] = field(default_factory=lambda: [0.1, 0.4])
     margin_end: list[float] = field(default_factory=lambda: [0.6, 0.95])
     margin_ramp_epochs: list[float] = field(default_factory=lambda: [1.0, 10.0])
+    lr: list[float] = field(default_factory=lambda: [1e-3, 1e-2])  # [low, high], log scale
 
 
 @dataclass

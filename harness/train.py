@@ -324,6 +324,7 @@ def train_one_epoch(
         "train_error": wrong.item() / seen,
         "margin": margin,
         "samples_per_s": seen / seconds,
+        "epoch_train_seconds": seconds,
     }
 
 
