@@ -111,7 +111,8 @@ def _loader(name: str):
                 fetch(name, folder)
             else:
                 raise DataError(
-                    f"{name} is not in {folder}: get it with `python -m harness.data download {name}`"
+                    f"{name} is not in {folder}: get it with "
+                    f"`python -m harness.data download {name} --root {folder}`"
                 )
         try:
             ds = _tv_class(name)(str(folder), train=part == "train", download=False)
