@@ -113,7 +113,7 @@ def test_a_truncated_model_final_pt_names_the_file_and_uses_its_epoch(data_root,
     assert tracking.load_model(lonely, "final")[0] is not None
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
 def test_checkpoints_get_the_permissions_the_umask_gives(data_root, umask):
     old = os.umask(umask)
     try:

@@ -60,11 +60,11 @@ def test_resume_applies_a_new_learning_rate_and_weight_decay(data_root, capsys):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("data.batch_size=16", "--resume cannot change data.batch_size (the run was trained with 32, now 16)"),
-        ("model.args.dropout=0.1", "--resume cannot change model.args.dropout (the run was trained with None"),
-        ("optim.optimizer=adamw", "--resume cannot change optim.optimizer (the run was trained with 'adam'"),
-        ("optim.lr_decay=0.5", "--resume cannot change optim.lr_decay"),
-        ("loss.name=spread", "--resume cannot change loss.name"),
+        ("data.batch_size=16", "cannot change data.batch_size (the run was trained with 32, now 16)"),
+        ("model.args.dropout=0.1", "cannot change model.args.dropout (the run was trained with None"),
+        ("optim.optimizer=adamw", "cannot change optim.optimizer (the run was trained with 'adam'"),
+        ("optim.lr_decay=0.5", "cannot change optim.lr_decay"),
+        ("loss.name=spread", "cannot change loss.name"),
     ],
 )
 def test_resume_refuses_what_it_cannot_change_by_name(data_root, capsys, setting, message):
@@ -72,7 +72,8 @@ def test_resume_refuses_what_it_cannot_change_by_name(data_root, capsys, setting
     capsys.readouterr()
     assert train.main(["--resume", run_id, "--set", setting]) == 2
     line = one_line_error(capsys)
-    assert message in line and "it may change only optim.lr, optim.weight_decay, train.epochs" in line, line
+    assert f"--resume {message}" in line, line
+    assert "it may change only optim.lr, optim.weight_decay, train.epochs" in line, line
     run = mlflow.get_run(run_id)
     assert run.info.status == "KILLED" and "capsbench.resume_overrides" not in run.data.tags
     assert steps(run_id) == [1]
@@ -109,7 +110,8 @@ def test_a_live_owner_blocks_resume_and_a_dead_one_is_marked(data_root, capsys):
 
     assert train.main(["--resume", run_id[:8]]) == 0
     err = capsys.readouterr().err
-    assert f"run {run_id[:8]} was RUNNING but its process (pid {other.pid} on" in err and "marked KILLED" in err
+    assert f"run {run_id[:8]} was RUNNING but its process (pid {other.pid} on" in err
+    assert "is gone; marked KILLED" in err
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED" and steps(run_id) == [1, 2]
     assert f"pid {other.pid} on {socket.gethostname()} found gone at" in run.data.tags[tracking.OWNER_GONE]
@@ -141,7 +143,8 @@ def test_a_run_id_may_be_a_unique_prefix(capsys):
     shared = next(c for c in first if first.count(c) > 1)
     for run_id in ids:
         assert tracking.resolve_run_id(run_id[:8]) == run_id and tracking.resolve_run_id(run_id) == run_id
-    with pytest.raises(tracking.TrackingError, match=f"run id '{shared}' is ambiguous: .* give more characters"):
+    ambiguous = f"run id '{shared}' is ambiguous: .* give more characters"
+    with pytest.raises(tracking.TrackingError, match=ambiguous):
         tracking.resolve_run_id(shared)
     capsys.readouterr()
     missing = next(p for p in ("0" * 12, "1" * 12, "2" * 12) if not any(i.startswith(p) for i in ids))
@@ -156,7 +159,8 @@ def test_kill_9_leaves_a_run_that_resume_finds_dead(data_root, tmp_path, capsys)
     """The real thing: a training process killed with SIGKILL, then --resume of its 8-character id."""
     argv = [sys.executable, "-m", "harness.train", "--experiment", "kill9", "--model", "cnn_small"]
     argv += ["--data", "synthnorb", "--set", f"data.root={data_root}", "--limit-train", "64"]
-    argv += ["--limit-test", "64", "--epochs", "1000", "--set", "train.system_metrics=false", "--threads", "1"]
+    argv += ["--limit-test", "64", "--epochs", "1000", "--threads", "1"]
+    argv += ["--set", "train.system_metrics=false"]
     proc = subprocess.Popen(argv, env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120

@@ -183,7 +183,9 @@ def read_manifest(folder: str | Path) -> dict | None:
 
 def synth_command(folder: str | Path, options: dict | None = None) -> str:
     """The command that renders ``folder`` (again), with the render options a manifest recorded."""
-    flags = [f"--{key.replace('_', '-')} {value}" for key, value in (options or {}).items()]
+    options = options or {}
+    order = ("seed", "image_size", "lightings", "elevations", "instances")  # the synth command's flags
+    flags = [f"--{key.replace('_', '-')} {options[key]}" for key in order if key in options]
     return " ".join(["python -m harness.data synth --root", shlex.quote(str(folder)), *flags])
 
 
@@ -213,7 +215,7 @@ def verify(folder: str | Path) -> dict[str, str]:
 def _load_synthnorb(folder: Path, part: str, *, progress: bool = True, **options) -> Part:
     sn._no_options("synthnorb", options)
     manifest = read_manifest(folder)
-    if manifest is None or sn.find_file(folder, part, "dat") is None:
+    if manifest is None:
         raise DataError(
             f"synthnorb is not in {folder}: make it with `{synth_command(folder)}` "
             "(a few minutes; add --image-size 48 --lightings 1 for a quick small set)"
