@@ -80,8 +80,8 @@ def safe_load(path: str | Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
     except Exception as e:  # truncated or overwritten: torch's zip reader, EOF, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path} is damaged or truncated ({reason[:160]})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # torch adds advice
+        raise CheckpointError(f"{path} is damaged or truncated ({reason[:120]})") from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

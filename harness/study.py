@@ -810,7 +810,7 @@ def check_runs(cfg: StudyConfig) -> None:
             check_config(run)
             resolve_device(run.train.device)
         except (ConfigError, DeviceError) as e:
-            raise ConfigError(f"{model}: {e} (set in [run] or [per_model.{model}] as run.<key>)") from None
+            raise ConfigError(f"run settings of {model}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from harness.study import load_optuna, main, open_study
 from harness.study_config import load_study
 
 NO_SUCH_GPU = "cuda:99" if torch.cuda.is_available() else "cuda"
+CAPSULE = "run settings of em_capsnet_small:"
 GPU_MESSAGE = "does not exist" if torch.cuda.is_available() else "CUDA is not available here"
 
 
@@ -31,12 +32,18 @@ def env(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("run.optim.optimizer=sgd", "em_capsnet_small: optim.optimizer='sgd': use one of adam, adamw"),
-        ("run.train.precision=fp8", "em_capsnet_small: train.precision='fp8': use one of fp32, bf16"),
+        (
+            "run.optim.optimizer=sgd",
+            "run settings of em_capsnet_small: optim.optimizer='sgd': use one of adam, adamw",
+        ),
+        (
+            "run.train.precision=fp8",
+            "run settings of em_capsnet_small: train.precision='fp8': use one of fp32, bf16",
+        ),
         (f"run.train.device={NO_SUCH_GPU}", GPU_MESSAGE),
-        ("run.data.batch_size=0", "em_capsnet_small: data.batch_size=0 must be >= 1"),
-        ("run.optim.lr=-0.01", "em_capsnet_small: optim.lr=-0.01 must be > 0"),
-        ("per_model.cnn_small.optim.lr=-1", "cnn_small: optim.lr=-1.0 must be > 0"),
+        ("run.data.batch_size=0", f"{CAPSULE} data.batch_size=0 must be >= 1"),
+        ("run.optim.lr=-0.01", f"{CAPSULE} optim.lr=-0.01 must be > 0"),
+        ("per_model.cnn_small.optim.lr=-1", "run settings of cnn_small: optim.lr=-1.0 must be > 0"),
     ],
 )
 def test_check_and_run_refuse_bad_run_settings_before_any_work(env, capsys, setting, message):
