@@ -469,9 +469,7 @@ def owner_alive(tags: dict[str, str]) -> bool | None:
 
 
 def describe_owner(tags: dict[str, str]) -> str:
-    if OWNER_PID not in tags:
-        return "no recorded owner (a run from before owners were recorded)"
-    return f"pid {tags[OWNER_PID]} on {tags.get(OWNER_HOST, '?')}"
+    return f"pid {tags.get(OWNER_PID, '?')} on {tags.get(OWNER_HOST, '?')}"
 
 
 def mark_owner_gone(run_id: str, tags: dict[str, str]) -> None:
@@ -498,9 +496,13 @@ def claim_run(run_id: str, *, force: bool = False) -> str | None:
         return f"run {run_id[:8]} was RUNNING but its process ({describe_owner(tags)}) is gone; marked KILLED"
     if force:
         return None
-    why = "still alive" if alive else "cannot be checked from this machine"
+    if OWNER_PID not in tags:
+        owner = "with no recorded owner (it predates owner records): nothing tells whether it is alive"
+    else:
+        why = "still alive" if alive else "cannot be checked from this machine"
+        owner = f"owned by {describe_owner(tags)} ({why})"
     raise TrackingError(
-        f"run {run_id[:8]} is RUNNING, owned by {describe_owner(tags)} ({why}); wait for it to end, "
+        f"run {run_id[:8]} is RUNNING, {owner}; wait for it to end, "
         "or pass --force if no process is training it"
     )
 

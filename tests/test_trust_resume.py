@@ -133,7 +133,7 @@ def test_force_resumes_a_run_whose_owner_cannot_be_checked(data_root, capsys):
     assert "--force applies to --resume only" in one_line_error(capsys)
 
 
-def test_a_run_id_may_be_a_unique_prefix(capsys):
+def test_a_run_id_may_be_a_unique_prefix(data_root, capsys):
     ids = []
     while True:  # at most 17 runs until two share their first character
         ids.append(tracking.start_run("prefix", "r", system_metrics=False).run_id)
@@ -152,6 +152,25 @@ def test_a_run_id_may_be_a_unique_prefix(capsys):
     assert f"run '{missing}' not found in" in one_line_error(capsys)
     assert train.main(["--resume", "not-an-id"]) == 2
     assert "is not a (prefix of a) 32-character hex MLflow run id" in one_line_error(capsys)
+
+    argv = ["--experiment", "prefix", "--model", "cnn_small", "--data", "synthnorb", "--epochs", "1"]
+    argv += ["--set", f"data.root={data_root}", "--limit-train", "32", "--limit-test", "32"]
+    argv += ["--set", "train.system_metrics=false", "--parent-run-id", ids[0][:8]]
+    assert train.main(argv) == 0
+    (child,) = set(run_ids("prefix")) - set(ids)
+    assert mlflow.get_run(child).data.tags["mlflow.parentRunId"] == ids[0]
+
+
+def test_a_running_run_without_an_owner_needs_force(data_root, capsys):
+    run_id = interrupted_run("ownerless", data_root)
+    c = mlflow.MlflowClient()
+    c.update_run(run_id, status="RUNNING")
+    for key in (tracking.OWNER_HOST, tracking.OWNER_PID, tracking.OWNER_STARTED):
+        c.delete_tag(run_id, key)  # as runs written before owners were recorded
+    capsys.readouterr()
+    assert train.main(["--resume", run_id]) == 2
+    assert "is RUNNING, with no recorded owner (it predates owner records)" in one_line_error(capsys)
+    assert train.main(["--resume", run_id, "--force"]) == 0 and tracking.run_status(run_id) == "FINISHED"
 
 
 @pytest.mark.slow
