@@ -46,11 +46,12 @@ from harness.device import DeviceError, autocast, describe, resolve_device, sync
 VIEWS = ("none", "azimuth", "elevation")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 PRECISIONS = ("fp32", "bf16")
-# what --resume may change: the schedule from the next epoch on, and how the run executes (not what it learns)
+# what --resume may change: the schedule from the next epoch on, and how the run executes (not what it
+# learns; data.root only to the same files, checked by their sha256s)
 RESUME_APPLIED = ("optim.lr", "optim.weight_decay", "train.epochs")
 RESUME_CHANGEABLE = RESUME_APPLIED + (
     "train.device", "train.threads", "train.precision", "train.compile", "train.multicrop",
-    "train.save_every", "train.system_metrics", "data.eval_batch_size",
+    "train.save_every", "train.system_metrics", "data.eval_batch_size", "data.root",
 )  # fmt: skip
 
 
@@ -432,21 +433,27 @@ def _finish(
 
 def _open_run(cfg, model, ds, device, state, resume_run_id, parent_run_id, tags, loss_name):
     system = cfg.train.system_metrics
+    identity = json.dumps(_data_identity(ds), sort_keys=True)
     if state is not None:
+        recorded = tracking.client().get_run(resume_run_id).data.tags.get("data.identity", identity)
+        if recorded != identity:
+            raise ConfigError(
+                f"data.root={cfg.data.root or '(default)'} holds other {cfg.data.name} files than run "
+                f"{resume_run_id[:8]} was trained on (their sha256s differ); point data.root at those files"
+            )
         run = tracking.resume_run(resume_run_id, system_metrics=system)
         changed = {k: v for k, v in flatten(cfg).items() if flatten(state["config"]).get(k) != v}
         run.set_tags({"capsbench.resumed_from_epoch": state["epoch"], "device": describe(device)})
         if changed:  # MLflow params are immutable: record what differs from the logged params as a tag
             run.set_tags({"capsbench.resume_overrides": json.dumps(changed, sort_keys=True, default=str)})
         return run
-    identity = {split: getattr(getattr(ds, split), "identity", {}) for split in ("train", "val", "test")}
     run_tags = {
         "capsbench.kind": "trial" if parent_run_id else "train",
         "capsbench.model": cfg.model.name,
         "capsbench.family": getattr(model, "family", "unknown"),
         "capsbench.loss": str(loss_name),
         "device": describe(device),
-        "data.identity": json.dumps(identity, sort_keys=True),
+        "data.identity": identity,
         "versions": json.dumps(tracking.versions(), sort_keys=True),
         **tracking.git_info(),
         **(tags or {}),
@@ -461,6 +468,11 @@ def _open_run(cfg, model, ds, device, state, resume_run_id, parent_run_id, tags,
         run.end("FAILED")
         raise
     return run
+
+
+def _data_identity(ds: Datasets) -> dict:
+    """file name -> sha256 of the files behind each split (the run's ``data.identity`` tag)."""
+    return {split: getattr(getattr(ds, split), "identity", {}) for split in ("train", "val", "test")}
 
 
 def _load_resume(run_id: str, cfg: RunConfig, force: bool) -> dict:

@@ -4,6 +4,7 @@ Issue 14 items 2, 3 and 6 (run-id prefixes). cnn_small on a tiny synthnorb in a 
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,9 +15,10 @@ import mlflow
 import psutil
 import pytest
 import torch
-from trust_support import artifact, one_line_error, render_tiny, run_config, run_ids, steps, temp_store
+from trust_support import TINY, artifact, one_line_error, render_tiny, run_config, run_ids, steps, temp_store
 
 from harness import tracking, train
+from harness.data import synthnorb
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,6 +79,21 @@ def test_resume_refuses_what_it_cannot_change_by_name(data_root, capsys, setting
     run = mlflow.get_run(run_id)
     assert run.info.status == "KILLED" and "capsbench.resume_overrides" not in run.data.tags
     assert steps(run_id) == [1]
+
+
+def test_resume_may_move_data_root_only_to_the_same_files(data_root, tmp_path, capsys):
+    run_id = interrupted_run("moved-data", data_root, "train.epochs=3")
+    other = tmp_path / "other"
+    synthnorb.synthesize(other, progress=False, seed=1, **TINY)  # same options, other objects
+    capsys.readouterr()
+    assert train.main(["--resume", run_id, "--set", f"data.root={other}"]) == 2
+    line = one_line_error(capsys)
+    assert f"data.root={other} holds other synthnorb files than run {run_id[:8]} was trained on" in line
+    assert steps(run_id) == [1] and tracking.run_status(run_id) == "KILLED"
+
+    moved = shutil.copytree(data_root, tmp_path / "moved")
+    assert train.main(["--resume", run_id, "--set", f"data.root={moved}"]) == 0
+    assert steps(run_id) == [1, 2, 3]
 
 
 def test_each_run_records_its_owner(data_root):
