@@ -28,8 +28,9 @@ import torch.nn as nn
 RECORD_KEYS = {"model_name", "model_kwargs", "state_dict", "epoch"}
 RESUME_KEYS = RECORD_KEYS | {"optimizer", "scheduler", "rng", "config", "history", "best", "train_seconds"}
 # resume.pt files written before RNG states were stored as lists hold the numpy MT19937 key as an array:
-# exactly these numpy globals rebuild it (torch documents them as safe to allow)
-_LEGACY_NUMPY_RNG = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+# exactly these numpy globals rebuild it (torch documents them as safe to allow; numpy 1.x: numpy.core)
+_NUMPY_CORE = getattr(np, "_core", None) or np.core
+_LEGACY_NUMPY_RNG = [np.ndarray, np.dtype, np.dtypes.UInt32DType, _NUMPY_CORE.multiarray._reconstruct]
 
 
 class CheckpointError(RuntimeError):
