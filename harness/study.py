@@ -44,6 +44,7 @@ import json
 import math
 import multiprocessing
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -550,7 +551,8 @@ def stage_data(study: Study, parent) -> None:
     if cfg.run.data.name != "synthnorb":
         if cfg.run.data.name == "smallnorb":
             raise StudyError(
-                f"smallNORB is not in {root}: run `python -m harness.data download smallnorb --root {root}` "
+                f"smallNORB is not in {root}: run "
+                f"`python -m harness.data download smallnorb --root {shlex.quote(str(root))}` "
                 f"(or set CAPSBENCH_DATA), then rerun ({missing})"
             )
         raise StudyError(f"dataset {cfg.run.data.name} is not usable: {missing}")

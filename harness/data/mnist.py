@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shlex
 import shutil
 import urllib.error
 from pathlib import Path
@@ -112,7 +113,7 @@ def _loader(name: str):
             else:
                 raise DataError(
                     f"{name} is not in {folder}: get it with "
-                    f"`python -m harness.data download {name} --root {folder}`"
+                    f"`python -m harness.data download {name} --root {shlex.quote(str(folder))}`"
                 )
         try:
             ds = _tv_class(name)(str(folder), train=part == "train", download=False)

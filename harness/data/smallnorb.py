@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -383,7 +384,7 @@ def cached_images(dat: Path, size: int, sha256: str, fix: str, progress: bool = 
 
 def _load_smallnorb(folder: Path, part: str, *, progress: bool = True, **options) -> Part:
     _no_options("smallnorb", options)
-    fix = f"download it with `python -m harness.data download smallnorb --root {folder}`"
+    fix = f"download it with `python -m harness.data download smallnorb --root {shlex.quote(str(folder))}`"
     if find_file(folder, part, "dat") is None:
         raise DataError(f"smallnorb is not in {folder}: {fix} (about 260 MB)")
     p = load_part(
