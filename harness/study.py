@@ -44,6 +44,7 @@ import json
 import math
 import multiprocessing
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -551,7 +552,8 @@ def stage_data(study: Study, parent) -> None:
     if cfg.run.data.name != "synthnorb":
         if cfg.run.data.name == "smallnorb":
             raise StudyError(
-                f"smallNORB is not in {root}: run `python -m harness.data download smallnorb` "
+                f"smallNORB is not in {root}: run "
+                f"`python -m harness.data download smallnorb --root {shlex.quote(str(root))}` "
                 f"(or set CAPSBENCH_DATA), then rerun ({missing})"
             )
         raise StudyError(f"dataset {cfg.run.data.name} is not usable: {missing}")
@@ -626,6 +628,9 @@ def stage_train(study: Study, parent) -> None:
         if resume:
             try:
                 tracking.load_resume_state(resume)
+            except tracking.CheckpointFileError as e:
+                study.log(f"train: not resuming run {resume}: {e}")
+                resume = None
             except tracking.TrackingError:
                 resume = None  # died before its first epoch: start over
         study.log(f"train: {model}" + (f" (resuming run {resume})" if resume else ""))
@@ -750,6 +755,7 @@ def run_study(
     fit: str = FIT,
 ) -> Study:
     """Run every stage in ``cfg.stages`` that is not done yet; the parent run ends FINISHED when all are."""
+    check_runs(cfg)  # before the folder records (and locks in) any setting
     study = open_study(cfg, root, storage=storage, workers=workers, fresh=fresh, fit=fit)
     parent = open_parent_run(study)
     status = "FAILED"
@@ -792,8 +798,70 @@ def run_study(
 
 
 # ---------------------------------------------------------------------------------------------
+# run settings check (what harness.train checks, for every model, before any work)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_runs(cfg: StudyConfig) -> None:
+    """Every model's resolved RunConfig passes harness.train's checks (settings, device), or ConfigError."""
+    from harness.device import DeviceError, resolve_device
+    from harness.train import check_config
+
+    for model in cfg.models:
+        run = run_config(cfg, model)
+        try:
+            check_config(run)
+            resolve_device(run.train.device)
+        except (ConfigError, DeviceError) as e:
+            raise ConfigError(f"run settings of {model}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # status view
 # ---------------------------------------------------------------------------------------------
+
+
+def runner_active(root: Path, name: str) -> bool:
+    """Whether a `python -m harness.study NAME` process holds the study's lock (see single_runner)."""
+    lock = root / f".{name}.lock"
+    if not lock.is_file():
+        return False
+    with open(lock) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def dead_trials(ostudy: optuna.Study) -> list[int]:
+    """RUNNING trials whose worker process on this machine is gone (what the next run fails and retries);
+    other machines' trials are left to the RDB storage's heartbeat."""
+    import psutil
+
+    host, dead = socket.gethostname(), []
+    for t in ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        w_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if t.user_attrs.get("surplus") or (w_host and w_host != host):
+            continue
+        if not (pid.isdigit() and psutil.pid_exists(int(pid))):
+            dead.append(t.number)
+    return dead
+
+
+def dead_run_lines(study: str) -> list[str]:
+    """Marks the study's MLflow runs left RUNNING by a process that is gone (KILLED) and says which."""
+    from harness import tracking
+
+    try:
+        marked = tracking.mark_dead_study_runs(study)
+    except tracking.TrackingError as e:
+        return [f"  (runs not checked for dead processes: {e})"]
+    if not marked:
+        return []
+    ids = ", ".join(r[:8] for r in marked)
+    return [f"  {len(marked)} run(s) left RUNNING by a process that is gone, now marked KILLED: {ids}"]
 
 
 def status_text(cfg: StudyConfig, root: Path = DEFAULT_ROOT, storage: str | None = None) -> str:
@@ -804,24 +872,28 @@ def status_text(cfg: StudyConfig, root: Path = DEFAULT_ROOT, storage: str | None
     study = Study(cfg, folder, storage, 1)
     state = study.state()
     lines = [f"study {cfg.name}: folder {folder}, parent run {state.get('parent_run_id')}"]
+    running = "running" if runner_active(Path(root), cfg.name) else "interrupted (rerun to resume)"
     for stage in cfg.stages:
         s = state["stages"].get(stage)
-        current = "running (or interrupted)" if stage == state.get("current") else "to do"
+        current = running if stage == state.get("current") else "to do"
         lines.append(f"  {stage:<10} " + (f"done ({s['seconds']}s)" if s else current))
     for model in cfg.models:
         try:
-            c = trial_counts(
-                optuna.load_study(study_name=f"{cfg.name}.{model}", storage=optuna_storage(study))
-            )
+            ostudy = optuna.load_study(study_name=f"{cfg.name}.{model}", storage=optuna_storage(study))
+            c = trial_counts(ostudy)
+            c["dead"] = len(dead_trials(ostudy))
+            c["running"] -= c["dead"]
         except KeyError:  # not created yet
             c = {}
         tuned = "tuned" if model in state["best_params"] else "tuning"
         run = state["final_runs"].get(model, "-")
+        dead = f"{c['dead']} dead (failed and retried on the next run), " if c.get("dead") else ""
         lines.append(
             f"  {model}: {tuned} {c.get('complete', 0)} complete, {c.get('pruned', 0)} pruned, "
-            f"{c.get('running', 0)} running, {c.get('fail', 0)} failed of {cfg.tune.n_trials}; "
+            f"{c.get('running', 0)} running, {dead}{c.get('fail', 0)} failed of {cfg.tune.n_trials}; "
             f"final run {run}"
         )
+    lines += dead_run_lines(cfg.name)
     matched = folder / "viewpoint" / "matched.md"
     if matched.is_file():
         lines += ["", matched.read_text().rstrip()]
@@ -883,7 +955,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where study folders live")
     p.add_argument("--fresh", action="store_true", help="delete the study folder and start over")
     p.add_argument("--status", action="store_true", help="print what is done and what is left, then exit")
-    p.add_argument("--check", action="store_true", help="validate the study file and print it resolved")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the study file and every model's run settings (as harness.train does, device "
+        "included), then print it resolved",
+    )
     p.add_argument("--list", action="store_true", help="list the study files and exit")
     return p
 
@@ -905,6 +982,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--workers must be >= 1, got {args.workers}")
         cfg = load_study(args.name, args.overrides)
         if args.check:
+            check_runs(cfg)
             print(dumps_toml(to_toml_dict(cfg)), end="")
             return 0
         if args.status:
