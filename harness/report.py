@@ -6,9 +6,12 @@
 Reads the study's runs (parent run, Optuna trial runs, final runs with their attack metrics; see
 docs/contracts.md "Tracking" and "Study records") through harness/tracking.py, and writes
 ``reports/NAME/report.md``, a self-contained ``reports/NAME/report.html`` (figures embedded as data
-URIs) and the PNGs, then logs them to the study's parent run under ``report/``. A study with a
-missing stage still gets a report that shows what exists and names what is missing. The study
-calls ``write_report(name)`` as its last stage. Set ``MLFLOW_TRACKING_URI`` to read another store.
+URIs) and the PNGs, then logs them to the study's parent run under ``report/``, with the summary as
+parent-run metrics (``caps/test_error``, ``cnn/novel_error_matched``, ``caps/fgsm_acc_eps_0.1``, ...) and
+the answer in one sentence as the run's description. The page leads with that sentence, then the error
+table and the accuracy-under-attack table (mean ± 95% interval when the study has several seeds). A
+study with a missing stage still gets a report that shows what exists and names what is missing. The
+study calls ``write_report(name)`` as its last stage. Set ``MLFLOW_TRACKING_URI`` to read another store.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import pandas as pd
 
 from harness import report_figures as figs
 from harness import tracking
+from harness.intervals import Estimate, estimate
 from harness.report_records import STAGES, ReportError, StudyRecords, collect, parse_attack_metrics  # noqa: F401
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +46,8 @@ EPS_UNITS = (
     "(after the dataset's fixed preprocessing, before the model's own normalisation)"
 )
 
-# DESIGN.md §1: the paper's headline numbers (errors as fractions; FGSM read off the paper's Fig. 3)
+# The paper's headline numbers (Hinton, Sabour & Frosst 2018: smallNORB test error and parameter counts from
+# its Table 1, matched novel-viewpoint errors from §5.1, FGSM accuracy read off its Fig. 3); fractions.
 PAPER = {
     "cnn": {
         "label": "paper: CNN baseline",
@@ -72,9 +77,17 @@ TABLE_NOTE = (
     "novel views together when the study has a view split); familiar and novel errors: at the matched "
     "epochs; train samples/s: the median over epochs."
 )
+SEEDS_NOTE = (
+    "Each cell is the mean ± the half-width of the 95% Student-t interval over the `seeds` training seeds "
+    "(one final run per model and seed; the matched protocol pairs the models trained with the same seed)."
+)
 PAPER_NOTE = (
-    "Rows starting `paper:` are the paper's numbers (DESIGN.md §1; FGSM read off its Fig. 3), for reference: "
-    "the paper trained on all of smallNORB's training images with its own budget."
+    "Rows starting `paper:` are the paper's numbers (its Table 1, §5.1 and, for FGSM, read off its Fig. 3), "
+    "for reference: the paper trained on all of smallNORB's training images with its own budget."
+)
+ATTACK_NOTE = (
+    "Accuracy in % (higher is better; the table above shows errors). `clean`: no perturbation, on the "
+    "attacked images. Attack cells: untargeted accuracy under attack, worst case over the attack losses"
 )
 
 
@@ -89,53 +102,79 @@ def attack_eps(records: StudyRecords, attack: str, kind: str = "acc") -> list[fl
     return sorted({e for e in a.loc[(a["attack"] == attack) & (a["kind"] == kind), "eps"] if e > 0})
 
 
-def summary_table(records: StudyRecords) -> pd.DataFrame:
-    """One row per model (fractions, not percent); reference rows from the paper where it applies."""
+def run_row(records: StudyRecords, m) -> dict:
+    """The summary columns of one final run (fractions, not percent)."""
     view = records.data_param("data.view")
-    matched = (records.matched or {}).get("models", {})
-    pmetrics = (records.parent or {}).get("metrics", {})
-    rows = []
+    h = m.history
+    rate = h["samples_per_s"].dropna() if "samples_per_s" in h else pd.Series(dtype=float)
+    row = {
+        "model": m.model,
+        "family": m.family,
+        "params": _num(m.metrics.get("n_params", m.params.get("n_params"))),
+        "test error": m.metrics.get("final_test_error", _last(h, "test_error")),
+    }
+    if view and view != "none":
+        mm = records.matched_for(m)
+        pmetrics = (records.parent or {}).get("metrics", {}) if m in records.models else {}
+        row["matched epoch"] = mm.get("matched_epoch", pmetrics.get(f"viewpoint/{m.model}/matched_epoch"))
+        row["familiar error (matched)"] = mm.get(
+            "matched_familiar_error", pmetrics.get(f"viewpoint/{m.model}/matched_familiar_error")
+        )
+        row["novel error (matched)"] = mm.get(
+            "matched_novel_error", pmetrics.get(f"viewpoint/{m.model}/matched_novel_error")
+        )
+    if not records.attacks.empty:
+        zero = m.attacks[(m.attacks["kind"] == "acc") & (m.attacks["eps"] == 0)]["value"]
+        row["clean accuracy"] = m.metrics.get(
+            "attack/clean_accuracy", float(zero.iloc[0]) if len(zero) else None
+        )
+    for attack in SUMMARY_ATTACKS:
+        for kind, title in (("acc", "accuracy"), ("targeted_success", "targeted success")):
+            for eps in attack_eps(records, attack, kind):
+                sel = m.attacks[
+                    (m.attacks["attack"] == attack)
+                    & (m.attacks["loss"] == "worst")
+                    & (m.attacks["kind"] == kind)
+                    & np.isclose(m.attacks["eps"], eps)
+                ]
+                row[f"{attack.upper()} {title} ε={eps:g}"] = float(sel["value"].iloc[0]) if len(sel) else None
+    row["train time"] = m.metrics.get("train_seconds")
+    row["train samples/s"] = float(rate.median()) if len(rate) else None
+    return row
+
+
+def summary_table(records: StudyRecords) -> pd.DataFrame:
+    """One row per model (fractions, not percent); reference rows from the paper where it applies.
+
+    With several training seeds each cell is the mean over the model's seeds; ``table.attrs["ci95"]``
+    holds the 95% t-interval half-widths (same rows and columns, NaN where there is one seed) and a
+    ``seeds`` column the number of seeds.
+    """
+    view = records.data_param("data.view")
+    rows, halves = [], []
+    several = records.n_seeds > 1
     for m in records.models:
-        h = m.history
-        rate = h["samples_per_s"].dropna() if "samples_per_s" in h else pd.Series(dtype=float)
-        row = {
-            "model": m.model,
-            "family": m.family,
-            "params": _num(m.metrics.get("n_params", m.params.get("n_params"))),
-            "test error": m.metrics.get("final_test_error", _last(h, "test_error")),
-        }
-        if view and view != "none":
-            mm = matched.get(m.model, {})
-            row["matched epoch"] = mm.get("matched_epoch", pmetrics.get(f"viewpoint/{m.model}/matched_epoch"))
-            row["familiar error (matched)"] = mm.get(
-                "matched_familiar_error", pmetrics.get(f"viewpoint/{m.model}/matched_familiar_error")
-            )
-            row["novel error (matched)"] = mm.get(
-                "matched_novel_error", pmetrics.get(f"viewpoint/{m.model}/matched_novel_error")
-            )
-        for attack in SUMMARY_ATTACKS:
-            for kind, title in (("acc", "error"), ("targeted_success", "targeted success")):
-                for eps in attack_eps(records, attack, kind):
-                    sel = m.attacks[
-                        (m.attacks["attack"] == attack)
-                        & (m.attacks["loss"] == "worst")
-                        & (m.attacks["kind"] == kind)
-                        & np.isclose(m.attacks["eps"], eps)
-                    ]
-                    value = float(sel["value"].iloc[0]) if len(sel) else None
-                    if value is not None and kind == "acc":
-                        value = 1.0 - value
-                    row[f"{attack.upper()} {title} ε={eps:g}"] = value
-        row["train time"] = m.metrics.get("train_seconds")
-        row["train samples/s"] = float(rate.median()) if len(rate) else None
+        per_seed = pd.DataFrame([run_row(records, r) for r in records.replicates.get(m.model, [m])])
+        row, half = {"model": m.model, "family": m.family}, {}
+        for col in per_seed.columns[2:]:
+            values = pd.to_numeric(per_seed[col], errors="coerce")
+            est = estimate(values)
+            row[col], half[col] = (est.mean if est.n else None), est.half
+        if several:
+            row = {"model": row["model"], "family": row["family"], "seeds": len(per_seed), **row}
         rows.append(row)
+        halves.append(half)
     if rows and records.data_param("data.name").lower() == "smallnorb":
-        rows += paper_rows(list(rows[0]), view)
-    return pd.DataFrame(rows)
+        paper = paper_rows(list(rows[0]), view)
+        rows += paper
+        halves += [{} for _ in paper]
+    table = pd.DataFrame(rows)
+    table.attrs["ci95"] = pd.DataFrame(halves, columns=table.columns, index=table.index, dtype=float)
+    return table
 
 
 def paper_rows(columns: list[str], view: str) -> list[dict]:
-    """The paper's numbers for the columns this table has (DESIGN.md §1)."""
+    """The paper's numbers for the columns this table has (see ``PAPER``)."""
     rows = []
     full_data = not view or view == "none"
     for key in ("capsule", "capsule_small", "cnn") if full_data else ("capsule", "cnn"):
@@ -147,22 +186,27 @@ def paper_rows(columns: list[str], view: str) -> list[dict]:
         elif view in ("azimuth", "elevation") and "novel error (matched)" in columns:
             row["familiar error (matched)"], row["novel error (matched)"] = ref[view]
         for eps, acc in ref.get("fgsm_acc", {}).items():
-            if f"FGSM error ε={eps:g}" in columns:
-                row[f"FGSM error ε={eps:g}"] = 1.0 - acc
+            if f"FGSM accuracy ε={eps:g}" in columns:
+                row[f"FGSM accuracy ε={eps:g}"] = acc
         rows.append(row)
     return rows
 
 
+ATTACK_COLUMN = re.compile(r"^(clean accuracy|[A-Z]+ (accuracy|targeted success) ε=.*)$")
+
+
 def split_summary(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Display tables: (clean columns, attack columns with "error / targeted success" per ε) as strings."""
+    """Display tables: (error columns, accuracy columns with "accuracy / targeted success" per ε) as text."""
     shown = format_table(table)
-    attack_cols = [c for c in table.columns if re.match(r"^[A-Z]+ (error|targeted success) ε=", c)]
+    attack_cols = [c for c in table.columns if ATTACK_COLUMN.match(c)]
     clean = shown[[c for c in table.columns if c not in attack_cols]]
-    if not attack_cols:
+    if not [c for c in attack_cols if c != "clean accuracy"]:
         return clean, None
     attacked = shown[["model"]].copy()
-    for col in [c for c in attack_cols if " error ε=" in c]:
-        attack, eps = col.split(" error ε=")
+    if "clean accuracy" in shown:
+        attacked["clean"] = shown["clean accuracy"]
+    for col in [c for c in attack_cols if " accuracy ε=" in c]:
+        attack, eps = col.split(" accuracy ε=")
         target = f"{attack} targeted success ε={eps}"
         cell = shown[col] + (" / " + shown[target] if target in shown else "")
         attacked[f"{attack} ε={eps}"] = cell.replace("– / –", "–")
@@ -172,28 +216,35 @@ def split_summary(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | Non
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Strings for display: errors and rates as percentages, counts with K/M, times in seconds."""
+    """Strings for display: errors and rates as percentages (± the 95% half-width with several seeds),
+    counts with K/M, times in seconds."""
     out = table.copy().astype(object)
+    halves = table.attrs.get("ci95")
     for col in table.columns:
         for i, v in table[col].items():
-            out.at[i, col] = _fmt_cell(col, v)
+            half = halves.at[i, col] if halves is not None and col in halves else math.nan
+            out.at[i, col] = _fmt_cell(col, v, half)
     return out
 
 
-def _fmt_cell(col: str, v) -> str:
+def _fmt_cell(col: str, v, half: float = math.nan) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if col in ("model", "family"):
         return str(v)
+    if col == "seeds":
+        return f"{int(v)}"
     if col == "params":
         v = float(v)
         return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}K" if v >= 1e3 else f"{v:.0f}"
-    if col == "matched epoch":
-        return f"{int(v)}"
+    if col == "matched epoch":  # a mean over seeds may fall between epochs
+        return f"{float(v):.0f}" if float(v).is_integer() else f"{float(v):.1f}"
     if col == "train time":
         return _duration(v)
     if col == "train samples/s":
         return f"{float(v):.1f}"
+    if half is not None and math.isfinite(half):
+        return f"{100 * float(v):.1f} ± {100 * half:.1f}%"
     return f"{100 * float(v):.1f}%"
 
 
@@ -360,9 +411,10 @@ def notes(records: StudyRecords) -> list[str]:
             "Matched protocol: not recorded (stage `viewpoint` missing); familiar/novel columns are empty."
         )
     out.append(
-        f"Attacks: {EPS_UNITS}. Error = 1 − accuracy under attack, worst case over the attack losses "
-        "(cross-entropy on logits and a CW-style margin loss); targeted success is averaged over all "
-        "target classes ≠ the true class."
+        f"Attacks: {EPS_UNITS}. Accuracy under attack = correct on the clean and the attacked image, "
+        "worst case over the attack losses (cross-entropy on logits and a CW-style margin loss); ε = 0 is "
+        "the clean accuracy on the same images; targeted success is averaged over all target classes ≠ the "
+        "true class."
     )
     flags = {m.model: m.tags.get("attack.masking_flags", None) for m in records.models}
     flagged = {k: v for k, v in flags.items() if v}
@@ -460,16 +512,20 @@ def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, 
     plan = [
         (
             "training_curves.png",
-            "Training curves: familiar (solid) and novel (dashed) test error per epoch."
-            if has_view
-            else "Training curves: test (solid) and validation (dotted) error per epoch.",
+            (
+                "Training curves: familiar (solid) and novel (dashed) test error per epoch"
+                if has_view
+                else "Training curves: test (solid) and validation (dotted) error per epoch"
+            )
+            + (f", seed {records.models[0].seed} (the first seed)." if records.n_seeds > 1 else "."),
             lambda: figs.training_curves(
                 {m.model: m.history for m in records.models}, fams, matched_epochs(records)
             ),
         ),
         (
             "accuracy_vs_eps.png",
-            "Accuracy under attack vs ε, capsules vs CNN (solid = worst case over losses).",
+            "Accuracy under attack vs ε, capsules vs CNN, from the clean accuracy at ε = 0 "
+            "(solid = worst case over losses)" + (", mean over seeds." if records.n_seeds > 1 else "."),
             lambda: figs.attack_curves(records.attacks, fams, kind="acc"),
         ),
         (
@@ -479,7 +535,8 @@ def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, 
         ),
         (
             "viewpoint_heatmaps.png",
-            "Test error per (azimuth, elevation) cell, per model.",
+            "Test error per (azimuth, elevation) cell, per model"
+            + (", first seed." if records.n_seeds > 1 else "."),
             lambda: figs.viewpoint_heatmaps(heatmap_grids(records)),
         ),
         (
@@ -514,34 +571,36 @@ def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, 
 
 
 def build_blocks(records: StudyRecords, figures: list[tuple[str, str]], skipped: list[str]) -> list[tuple]:
-    blocks: list[tuple] = [("h1", f"capsbench report: {records.name}")]
-    parent = records.parent
-    blocks.append(
-        (
-            "p",
-            f"Study `{records.name}`, MLflow store `{tracking.tracking_uri()}`"
-            + (f", parent run `{parent['run_id']}`." if parent else "."),
-        )
-    )
-    description = (parent or {}).get("params", {}).get("description")
-    if description:
-        blocks.append(("p", description))
-    if records.missing:
-        blocks += [("h2", "Missing"), ("ul", records.missing)]
-    blocks.append(("h2", "Summary"))
+    """The page: the answer in one sentence, the tables, what is missing, notes, figures, provenance."""
+    blocks: list[tuple] = [("h1", f"capsbench report: {records.name}"), ("p", f"**{headline(records)}**")]
     table = summary_table(records)
+    blocks.append(("h2", "Summary: errors"))
     if table.empty:
         blocks.append(("p", "No final runs yet, so no summary rows."))
     else:
         clean, attacked = split_summary(table)
         blocks.append(("table", clean))
-        if attacked is not None:
-            blocks += [("h2", "Under attack"), ("table", attacked)]
-            targeted = any(" targeted success " in c for c in table.columns)
-            what = "error / targeted success, both" if targeted else "error (no targeted attacks recorded),"
-            blocks.append(("p", f"Each cell: {what} worst case over the attack losses."))
         has_paper = table["model"].str.startswith("paper:").any()
-        blocks.append(("p", TABLE_NOTE + (" " + PAPER_NOTE if has_paper else "")))
+        several = "seeds" in table.columns
+        blocks.append(
+            (
+                "p",
+                " ".join(
+                    [TABLE_NOTE, *([SEEDS_NOTE] if several else []), *([PAPER_NOTE] if has_paper else [])]
+                ),
+            )
+        )
+        if attacked is not None:
+            blocks += [("h2", "Under attack: accuracy"), ("table", attacked)]
+            targeted = any(" targeted success " in c for c in table.columns)
+            what = (
+                ", then / the targeted success rate (lower is better)"
+                if targeted
+                else " (no targeted attacks recorded)"
+            )
+            blocks.append(("p", f"{ATTACK_NOTE}{what}."))
+    if records.missing:
+        blocks += [("h2", "Missing"), ("ul", records.missing)]
     blocks += [("h2", "Notes"), ("ul", notes(records))]
     blocks.append(("h2", "Figures"))
     for filename, caption in figures:
@@ -554,18 +613,151 @@ def build_blocks(records: StudyRecords, figures: list[tuple[str, str]], skipped:
     return blocks
 
 
-def provenance(records: StudyRecords) -> list[str]:
-    """Where each number came from: runs, code version, device; and how to rerun."""
-    out = [
-        f"Rerun: `make study NAME={records.name}` (skips finished stages); "
-        f"regenerate this page: `python -m harness.report {records.name}`; browse the runs: `make ui`."
+# ---------------------------------------------------------------------------------------------
+# the answer in one sentence
+# ---------------------------------------------------------------------------------------------
+
+
+def over_seeds(records: StudyRecords, model: str, value) -> Estimate:
+    """``value(run record)`` over a model's final runs (one per seed): mean ± 95% interval."""
+    return estimate(_num(value(r)) for r in records.replicates.get(model, []))
+
+
+def worst_attack_value(record, attack: str, eps: float, kind: str = "acc") -> float | None:
+    a = record.attacks
+    sel = a[
+        (a["attack"] == attack) & (a["loss"] == "worst") & (a["kind"] == kind) & np.isclose(a["eps"], eps)
     ]
-    for m in records.models:
+    return float(sel["value"].iloc[0]) if len(sel) else None
+
+
+def headline(records: StudyRecords) -> str:
+    """One sentence that answers the study's question with its numbers (and their spread over seeds)."""
+    caps = next((m for m in records.models if m.family == "capsule"), None)
+    cnn = next((m for m in records.models if m.family == "cnn"), None)
+    if caps is None or cnn is None:
+        have = ", ".join(f"`{m.model}`" for m in records.models)
+        return (
+            f"No capsule-vs-CNN comparison yet: final runs exist for {have}."
+            if have
+            else "No final runs yet, so no comparison: see Missing below."
+        )
+    c, n = caps.model, cnn.model
+    view = records.data_param("data.view")
+    novel = [
+        over_seeds(records, m, lambda r: records.matched_for(r).get("matched_novel_error")) for m in (c, n)
+    ]
+    if view in ("azimuth", "elevation") and all(e.n for e in novel):
+        matches = list((records.seeds or {}).get("matches", {}).values()) or [records.matched or {}]
+        target = estimate(_num(mt.get("target_familiar_error")) for mt in matches)
+        text = (
+            f"On novel {view}s capsules (`{c}`) make {novel[0]:pct} errors vs the CNN's (`{n}`) "
+            f"{novel[1]:pct} at matched familiar-view error {target:pct}"
+        )
+    else:
+        test = [over_seeds(records, m, lambda r: r.metrics.get("final_test_error")) for m in (c, n)]
+        text = (
+            f"On the test set capsules (`{c}`) make {test[0]:pct} errors vs the CNN's (`{n}`) {test[1]:pct}"
+        )
+    acc = records.attacks
+    acc = acc[(acc["kind"] == "acc") & (acc["eps"] > 0)]
+    if not acc.empty:
+        attack = "fgsm" if (acc["attack"] == "fgsm").any() else str(acc["attack"].iloc[0])
+        eps = float(acc.loc[acc["attack"] == attack, "eps"].min())
+        kept = [over_seeds(records, m, lambda r: worst_attack_value(r, attack, eps)) for m in (c, n)]
+        if all(e.n for e in kept):
+            text += (
+                f"; under {attack.upper()} at ε = {eps:g} they keep {kept[0]:pct} accuracy vs {kept[1]:pct}"
+            )
+    k = records.n_seeds
+    if k > 1:
+        verdict = (records.seeds or {}).get("verdict")
+        text += f" (mean ± 95% interval over {k} training seeds" + (f"; {verdict})" if verdict else ")")
+    else:
+        text += " (one training seed, so no interval: list `seeds = [0, 1, 2]` in the study file for one)"
+    return text + "."
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent run's summary (what the MLflow runs table shows next to the final runs)
+# ---------------------------------------------------------------------------------------------
+
+SUMMARY_METRICS = {
+    "test error": "test_error",
+    "familiar error (matched)": "familiar_error_matched",
+    "novel error (matched)": "novel_error_matched",
+    "clean accuracy": "clean_accuracy",
+}
+
+
+def summary_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """Per model ``<prefix>/<metric>`` (prefix ``caps``/``cnn`` when a family has one model, else the model
+    name): errors, accuracies under attack (worst case), and ``_ci95`` half-widths with several seeds."""
+    rows = table[~table["model"].astype(str).str.startswith("paper:")]
+    per_family = rows["family"].value_counts()
+    halves = table.attrs.get("ci95")
+    out: dict[str, float] = {}
+    for i, row in rows.iterrows():
+        family = row["family"]
+        prefix = (
+            {"capsule": "caps", "cnn": "cnn"}.get(family, family) if per_family[family] == 1 else row["model"]
+        )
+        for col, value in row.items():
+            m = re.match(r"^([A-Z]+) (accuracy|targeted success) ε=(.+)$", col)
+            name = SUMMARY_METRICS.get(col) or (
+                f"{m[1].lower()}_{'acc' if m[2] == 'accuracy' else 'targeted_success'}_eps_{m[3]}"
+                if m
+                else None
+            )
+            if name is None or _num(value) is None or math.isnan(float(value)):
+                continue
+            out[f"{prefix}/{name}"] = float(value)
+            half = halves.at[i, col] if halves is not None and col in halves else math.nan
+            if math.isfinite(half):
+                out[f"{prefix}/{name}_ci95"] = float(half)
+    return out
+
+
+def parent_note(records: StudyRecords, html_path: Path) -> str:
+    """The parent run's description (``mlflow.note.content``, markdown): the answer, where the report is."""
+    parent = records.parent or {}
+    run = f"#/experiments/{parent.get('experiment_id', '')}/runs/{parent.get('run_id', '')}"
+    link = f"{run}/artifacts/report/report.html"  # relative: works on whichever host serves the UI
+    lines = [
+        headline(records),
+        "",
+        f"Report: [report/report.html]({link}) (artifact of this run; on disk `{html_path}`; "
+        f"regenerate with `python -m harness.report {records.name}`).",
+    ]
+    description = parent.get("params", {}).get("description")
+    if description:
+        lines += ["", f"Study: {description}"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance
+# ---------------------------------------------------------------------------------------------
+
+
+def provenance(records: StudyRecords) -> list[str]:
+    """Where each number came from: store, runs, code version, device; how to rerun and browse."""
+    parent = records.parent
+    out = [
+        f"Study `{records.name}`, MLflow store `{tracking.tracking_uri()}`"
+        + (f", parent run `{parent['run_id']}`." if parent else "."),
+        f"Rerun: `make study NAME={records.name}` (skips finished stages); "
+        f"regenerate this page: `python -m harness.report {records.name}`.",
+    ]
+    if parent and parent.get("experiment_id"):
+        out.append(f"Browse the runs: `make ui`, then open {tracking.ui_url(parent['experiment_id'])}")
+    for m in (r for runs in records.replicates.values() for r in runs):
         commit = m.tags.get("git.commit", "unknown")[:10]
         dirty = " (uncommitted changes)" if m.tags.get("git.dirty") == "true" else ""
         versions = _json_field(m.tags.get("versions"), "torch")
+        seed = f" seed {m.seed}" if m.seed and records.n_seeds > 1 else ""
         out.append(
-            f"`{m.model}`: run `{m.run_id}` ({m.status.lower()}), commit `{commit}`{dirty}, "
+            f"`{m.model}`{seed}: run `{m.run_id}` ({m.status.lower()}), commit `{commit}`{dirty}, "
             f"device {m.tags.get('device', 'unknown')}" + (f", torch {versions}" if versions else "")
         )
     return out
@@ -673,6 +865,11 @@ def write_report(name: str, *, out_dir: str | Path | None = None, log: bool = Tr
             for file in ["report.md", "report.html", *(f for f, _ in figures)]:
                 shutil.copy2(out / file, tmp)  # only what this report wrote, not the rest of out_dir
             tracking.log_artifacts(records.parent["run_id"], tmp, "report")
+        parent = tracking.TrackedRun(records.parent["run_id"], system_metrics=False)
+        table = summary_table(records)
+        if not table.empty:
+            parent.log_metrics(summary_metrics(table))
+        parent.set_tags({"mlflow.note.content": parent_note(records, path)})
     return path
 
 

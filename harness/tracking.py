@@ -350,6 +350,42 @@ def log_attack_results(
 
 
 # ---------------------------------------------------------------------------------------------
+# the MLflow UI: links that open an experiment's runs table
+# ---------------------------------------------------------------------------------------------
+
+UI_HOST, UI_PORT = "127.0.0.1", 5000
+# MLflow 3 opens every experiment in its GenAI view unless the link asks for the model-training one
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def ui_url(experiment_id: str, *, host: str = UI_HOST, port: int = UI_PORT) -> str:
+    """The `mlflow ui` link to an experiment's runs table, in the model-training view."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_run_artifact_url(run_id: str, artifact_file: str, *, host: str = UI_HOST, port: int = UI_PORT) -> str:
+    """The `mlflow ui` link to one artifact of a run."""
+    exp_id = client().get_run(run_id).info.experiment_id
+    return f"http://{host}:{port}/#/experiments/{exp_id}/runs/{run_id}/artifacts/{artifact_file}"
+
+
+def mark_training_experiment(experiment: str) -> None:
+    """Tag an experiment as model training (``mlflow.experimentKind``), as the UI's own switch does."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is not None and exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND:
+        c.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+
+
+def ui_links(host: str = UI_HOST, port: int = UI_PORT) -> list[tuple[str, str]]:
+    """(experiment name, runs-table link) of every live experiment that holds runs, newest first."""
+    c = client()
+    exps = c.search_experiments(order_by=["last_update_time DESC"])
+    live = [e for e in exps if c.search_runs([e.experiment_id], max_results=1)]
+    return [(e.name, ui_url(e.experiment_id, host=host, port=port)) for e in live]
+
+
+# ---------------------------------------------------------------------------------------------
 # run facts: git, versions
 # ---------------------------------------------------------------------------------------------
 
@@ -455,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
         root.mkdir(parents=True, exist_ok=True)
         cmd += ["--default-artifact-root", root.as_uri()]
     print(" ".join(cmd), flush=True)
+    links = ui_links(args.host, args.port)
+    for name, url in links:
+        print(f"experiment {name!r}: {url}", flush=True)
+    if not links:
+        print(f"no runs yet in {uri}; run `make study NAME=demo` first", flush=True)
     os.execv(sys.executable, cmd)
     return 0  # not reached
 

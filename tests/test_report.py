@@ -179,9 +179,10 @@ def test_fake_study_report_matches_records(store, tmp_path):
     assert clean["cnn_small"]["params"] == "70.0K"
     assert clean["cnn_small"]["train samples/s"] == "102.0"  # median of 101, 102, 103
     attacked = table_rows(page.tables[1])
-    # worst case over losses: the margin loss (accuracy 0.8 - 0.1 - 0.1 = 0.6 -> error 40%; success 0.2)
-    assert attacked["cnn_small"]["FGSM ε=0.1"] == "40.0% / 20.0%"
+    # worst case over losses: the margin loss (accuracy 0.8 - 0.1 - 0.1 = 0.6; success 0.2)
+    assert attacked["cnn_small"]["FGSM ε=0.1"] == "60.0% / 20.0%"
     assert attacked["em_capsnet_small"]["BIM ε=0.2"] == "50.0% / 30.0%"
+    assert attacked["cnn_small"]["clean"] == "80.0%"  # acc_eps_0: both losses agree
     text = (tmp_path / "report.md").read_text()
     assert f"parent run `{parent_id}`" in text  # the parent that got furthest, not the newest
     assert "Gradient-masking flags on `em_capsnet_small`** (treat its robustness" in text
@@ -200,8 +201,8 @@ def test_paper_reference_rows_only_for_smallnorb(store):
     paper = table[table["model"].str.startswith("paper:")].set_index("family")
     assert paper.loc["cnn", "novel error (matched)"] == pytest.approx(0.200)
     assert paper.loc["capsule", "novel error (matched)"] == pytest.approx(0.135)
-    assert paper.loc["capsule", "FGSM error ε=0.1"] == pytest.approx(0.14)
-    assert "FGSM error ε=0.5" not in table  # the study did not attack at 0.5
+    assert paper.loc["capsule", "FGSM accuracy ε=0.1"] == pytest.approx(0.86)
+    assert "FGSM accuracy ε=0.5" not in table  # the study did not attack at 0.5
     assert len(paper) == 2  # the small capsule net's number is full-data test error only
 
 
@@ -352,10 +353,8 @@ def test_real_study_report(real_store):
         for attack, eps in (("fgsm", 0.1), ("bim", 0.1)):
             acc = run[f"metrics.attack/{attack}/worst/acc_eps_{eps:g}"]
             success = run[f"metrics.attack/{attack}/worst/targeted_success_eps_{eps:g}"]
-            assert (
-                attacked[model][f"{attack.upper()} ε={eps:g}"]
-                == f"{100 * (1 - acc):.1f}% / {100 * success:.1f}%"
-            )
+            assert attacked[model][f"{attack.upper()} ε={eps:g}"] == f"{100 * acc:.1f}% / {100 * success:.1f}%"
+        assert attacked[model]["clean"] == f"{100 * run['metrics.attack/clean_accuracy']:.1f}%"
     assert "report/report.html" in tracking.list_artifacts(parent_id, "report")
     text = (tmp / "full" / "report.md").read_text()
     assert "stage `tune` has not finished" in text  # this store has no tuning
@@ -376,9 +375,9 @@ def test_real_study_report_before_attacks(real_store):
 
 def test_attack_cells_without_targeted_results():
     table = pd.DataFrame(
-        [{"model": "m", "family": "cnn", "test error": 0.1, "FGSM error ε=0.1": 0.25},
-         {"model": "n", "family": "cnn", "test error": 0.2, "FGSM error ε=0.1": None},
-         {"model": "paper: x", "family": "cnn", "test error": 0.05, "FGSM error ε=0.1": None}]
+        [{"model": "m", "family": "cnn", "test error": 0.1, "FGSM accuracy ε=0.1": 0.25},
+         {"model": "n", "family": "cnn", "test error": 0.2, "FGSM accuracy ε=0.1": None},
+         {"model": "paper: x", "family": "cnn", "test error": 0.05, "FGSM accuracy ε=0.1": None}]
     )  # fmt: skip
     clean, attacked = report.split_summary(table)
     assert list(clean.columns) == ["model", "family", "test error"] and len(clean) == 3
