@@ -672,7 +672,7 @@ def headline(records: StudyRecords) -> str:
     k = records.n_seeds
     if k > 1:
         verdict = (records.seeds or {}).get("verdict")
-        text += f" (mean ± 95% interval over {k} training seeds" + (f"; {verdict})" if verdict else ")")
+        text += f" (mean ± 95% interval over {k} training seeds)" + (f"; {verdict}" if verdict else "")
     else:
         text += " (one training seed, so no interval: list `seeds = [0, 1, 2]` in the study file for one)"
     return text + "."
@@ -716,6 +716,16 @@ def summary_metrics(table: pd.DataFrame) -> dict[str, float]:
             if math.isfinite(half):
                 out[f"{prefix}/{name}_ci95"] = float(half)
     return out
+
+
+def side_by_side(summary: dict[str, float]) -> list[str]:
+    """Summary metric names ordered for the runs table: each metric for every model in turn, novel-view
+    error first (``caps/novel_error_matched``, ``cnn/novel_error_matched``, ``caps/test_error``, ...)."""
+    keys = [k for k in summary if not k.endswith("_ci95")]
+    names = list(dict.fromkeys(k.split("/", 1)[1] for k in keys))
+    first = ["novel_error_matched", "familiar_error_matched", "test_error"]
+    names.sort(key=lambda n: first.index(n) if n in first else len(first))
+    return sorted(keys, key=lambda k: names.index(k.split("/", 1)[1]))
 
 
 def parent_note(records: StudyRecords, html_path: Path) -> str:
@@ -867,8 +877,9 @@ def write_report(name: str, *, out_dir: str | Path | None = None, log: bool = Tr
             tracking.log_artifacts(records.parent["run_id"], tmp, "report")
         parent = tracking.TrackedRun(records.parent["run_id"], system_metrics=False)
         table = summary_table(records)
-        if not table.empty:
-            parent.log_metrics(summary_metrics(table))
+        summary = summary_metrics(table) if not table.empty else {}
+        parent.log_metrics(summary)
+        tracking.share_runs_view(parent.experiment_id, side_by_side(summary))
         parent.set_tags({"mlflow.note.content": parent_note(records, path)})
     return path
 

@@ -209,7 +209,7 @@ def open_parent_run(study: Study):
     if cfg.description:
         tags["mlflow.note.content"] = cfg.description
     run = tracking.start_run(cfg.experiment, cfg.name, tags=tags, system_metrics=False)
-    tracking.mark_training_experiment(cfg.experiment)
+    tracking.share_runs_view(run.experiment_id)  # the report adds the comparison's columns
     run.log_params(flatten(to_toml_dict(cfg)))
     run.log_text(dumps_toml(to_toml_dict(cfg)), "study.toml")
     study.update_state(parent_run_id=run.run_id)
@@ -734,7 +734,6 @@ def stage_viewpoint(study: Study, parent) -> None:
     out.mkdir(exist_ok=True)
     bar = Progress(len(result.models), "viewpoint cells", "model", log=study.log)
     for m in result.models.values():
-        bar.set(bar.done, f"{m.model} epoch {m.matched_epoch}")
         cells = vp.checkpoint_cells(m.run_id, m.matched_epoch, test, batch_size=cfg.run.data.eval_batch_size)
         bar.update(1, m.model)
         cells.insert(0, "family", m.family)

@@ -356,25 +356,35 @@ def log_attack_results(
 UI_HOST, UI_PORT = "127.0.0.1", 5000
 # MLflow 3 opens every experiment in its GenAI view unless the link asks for the model-training one
 EXPERIMENT_KIND = "custom_model_development"
+# a shared runs-table view (an experiment tag the UI reads when the link names it): runs listed flat, the
+# study's parent run first, then its final runs, then the trials (sorted by capsbench.kind: study < train
+# < trial; the default start-time order folds them under the parent), with the comparison's metric columns
+RUNS_VIEW = "capsbench"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"
+RUN_COLUMNS = ["final_test_error", "test_familiar_error", "test_novel_error", "best_val_error"]
 
 
 def ui_url(experiment_id: str, *, host: str = UI_HOST, port: int = UI_PORT) -> str:
-    """The `mlflow ui` link to an experiment's runs table, in the model-training view."""
-    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    """The `mlflow ui` link to an experiment's runs table, in the model-training view (and the capsbench
+    runs view when the experiment has one)."""
+    url = f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    tags = client().get_experiment(experiment_id).tags
+    return url + (f"&viewStateShareKey={RUNS_VIEW}" if RUNS_VIEW_TAG in tags else "")
 
 
-def ui_run_artifact_url(run_id: str, artifact_file: str, *, host: str = UI_HOST, port: int = UI_PORT) -> str:
-    """The `mlflow ui` link to one artifact of a run."""
-    exp_id = client().get_run(run_id).info.experiment_id
-    return f"http://{host}:{port}/#/experiments/{exp_id}/runs/{run_id}/artifacts/{artifact_file}"
-
-
-def mark_training_experiment(experiment: str) -> None:
-    """Tag an experiment as model training (``mlflow.experimentKind``), as the UI's own switch does."""
+def share_runs_view(experiment_id: str, summary_metrics: list[str] = ()) -> None:
+    """Tag the experiment as model training and (re)write its runs view: ``summary_metrics`` (the parent
+    run's comparison) first, then the final runs' and trials' own metrics."""
+    columns = [f"metrics.`{m}`" for m in dict.fromkeys([*summary_metrics, *RUN_COLUMNS])]
+    view = {
+        "orderByKey": "tags.`capsbench.kind`",
+        "orderByAsc": True,
+        "searchFilter": "",
+        "selectedColumns": columns,
+    }
     c = client()
-    exp = c.get_experiment_by_name(experiment)
-    if exp is not None and exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND:
-        c.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+    c.set_experiment_tag(experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+    c.set_experiment_tag(experiment_id, RUNS_VIEW_TAG, json.dumps(view))
 
 
 def ui_links(host: str = UI_HOST, port: int = UI_PORT) -> list[tuple[str, str]]:

@@ -230,14 +230,14 @@ class SeedComparison:
         d = self.difference
         if d is None or d.n < 2:
             return "too few paired seeds to compare the difference with the seed-to-seed spread"
-        interval = f"95% interval {100 * d.low:+.1f} to {100 * d.high:+.1f}"
-        spread = f"seed-to-seed SD up to {100 * self.spread:.1f} points over {d.n} seeds"
-        if self.larger_than_spread:
-            return f"the difference ({100 * d.mean:+.1f} points, {interval}) is larger than the {spread}"
-        return (
-            f"the difference ({100 * d.mean:+.1f} points, {interval}) is not larger than the {spread}, "
-            "so these seeds do not separate the two"
+        diff = (
+            f"the capsule − CNN difference of {100 * d.mean:+.1f} points "
+            f"(95% interval {100 * d.low:+.1f} to {100 * d.high:+.1f})"
         )
+        spread = f"the seed-to-seed spread (SD up to {100 * self.spread:.1f} points over {d.n} seeds)"
+        if self.larger_than_spread:
+            return f"{diff} is larger than {spread}"
+        return f"{diff} is not larger than {spread}, so these seeds do not separate the two"
 
     def to_dict(self) -> dict[str, Any]:
         est = lambda e: None if e is None else asdict(e)  # noqa: E731
