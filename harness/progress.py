@@ -68,20 +68,21 @@ class Progress:
             self.bar.n = self.done
             self.bar.refresh()
 
-    def left_seconds(self) -> float | None:
+    def left_seconds(self, elapsed: float) -> float | None:
         """Mean seconds per unit since the start × units left; None before the first unit."""
         made = self.done - self.start_done
         if made <= 0:
             return None
-        return (time.perf_counter() - self.t0) / made * max(0, self.total - self.done)
+        return elapsed / made * max(0, self.total - self.done)
 
     def line(self) -> str:
+        elapsed = time.perf_counter() - self.t0
         units = self.unit + ("" if self.total == 1 else "s")
         text = f"{self.what}: {self.done}/{self.total} {units}" + (f" ({self.note})" if self.note else "")
-        text += f", {duration(time.perf_counter() - self.t0)} elapsed"
-        left = self.left_seconds()
+        text += f", {duration(elapsed)} elapsed"
         if self.done >= self.total:
             return text + ", done"
+        left = self.left_seconds(elapsed)
         return text + (f", about {duration(left)} left" if left is not None else ", estimating time left")
 
     def close(self) -> None:

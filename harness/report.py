@@ -861,25 +861,28 @@ def _inline(text: str) -> str:
 
 
 def write_report(name: str, *, out_dir: str | Path | None = None, log: bool = True) -> Path:
-    """Write ``reports/NAME/report.{md,html}`` + PNGs, log them to the parent run; returns the HTML path."""
+    """Write ``reports/NAME/report.{md,html}`` + PNGs; with ``log``, also log them to the parent run with the
+    summary metrics, the description and the experiment's runs view. Returns the HTML path."""
     records = collect(name)
     out = Path(out_dir) if out_dir else reports_root() / name
     out.mkdir(parents=True, exist_ok=True)
+    log = log and records.parent is not None
+    if log:  # first, so that the page's link to the runs names the view
+        table = summary_table(records)
+        summary = summary_metrics(table) if not table.empty else {}
+        tracking.share_runs_view(records.parent["experiment_id"], side_by_side(summary))
     figures, skipped = make_figures(records, out)
     blocks = build_blocks(records, figures, skipped)
     (out / "report.md").write_text(render_markdown(blocks))
     path = out / "report.html"
     path.write_text(render_html(blocks, out))
-    if log and records.parent is not None:
+    if log:
         with tempfile.TemporaryDirectory(prefix="capsbench-report-") as tmp:
             for file in ["report.md", "report.html", *(f for f, _ in figures)]:
                 shutil.copy2(out / file, tmp)  # only what this report wrote, not the rest of out_dir
             tracking.log_artifacts(records.parent["run_id"], tmp, "report")
         parent = tracking.TrackedRun(records.parent["run_id"], system_metrics=False)
-        table = summary_table(records)
-        summary = summary_metrics(table) if not table.empty else {}
         parent.log_metrics(summary)
-        tracking.share_runs_view(parent.experiment_id, side_by_side(summary))
         parent.set_tags({"mlflow.note.content": parent_note(records, path)})
     return path
 

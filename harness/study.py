@@ -777,7 +777,9 @@ def compare_seed_runs(study: Study, parent, families: dict[str, str]) -> None:
         )
     comparison = vp.compare_seeds(results)
     record = {**comparison.to_dict(), "matches": {str(s): r.to_dict() for s, r in results.items()}}
-    (study.folder / "viewpoint" / "seeds.json").write_text(json.dumps(record, indent=2))
+    out = study.folder / "viewpoint"
+    out.mkdir(exist_ok=True)
+    (out / "seeds.json").write_text(json.dumps(record, indent=2))
     parent.log_json(record, "viewpoint/seeds.json")
     parent.log_metrics(vp.seed_parent_metrics(comparison))
     novel = ", ".join(f"{m} {e:pct}" for m, e in comparison.novel.items())
