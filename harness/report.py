@@ -115,7 +115,8 @@ def run_row(records: StudyRecords, m) -> dict:
     }
     if view and view != "none":
         mm = records.matched_for(m)
-        pmetrics = (records.parent or {}).get("metrics", {}) if m in records.models else {}
+        primary = any(r is m for r in records.models)  # the parent metrics are of the first seed
+        pmetrics = (records.parent or {}).get("metrics", {}) if primary else {}
         row["matched epoch"] = mm.get("matched_epoch", pmetrics.get(f"viewpoint/{m.model}/matched_epoch"))
         row["familiar error (matched)"] = mm.get(
             "matched_familiar_error", pmetrics.get(f"viewpoint/{m.model}/matched_familiar_error")

@@ -17,11 +17,14 @@ settings. The stages:
   Seeded TPE sampler, median pruning on the per-epoch validation error. Every trial is an MLflow run nested
   under the study's parent run; pruned trials end KILLED, failed ones FAILED.
 - ``train``: each model with its best parameters for the full budget (``run.train.epochs``), keeping a
-  checkpoint per epoch for the matched protocol.
+  checkpoint per epoch for the matched protocol; once per seed when the study lists ``seeds``.
 - ``viewpoint``: the matched novel-viewpoint protocol (harness/viewpoint.py) on the final runs, plus the
   error per (azimuth, elevation) cell of the matched checkpoints.
-- ``attack``: the adversarial suite (harness.attack.attack_run) on the final models.
+- ``attack``: the adversarial suite (harness.attack.attack_run) on the final models (every seed's).
 - ``report``: harness.report.write_report(NAME).
+
+Each stage reports its progress with an estimate of the time left (harness/progress.py: bars on a
+terminal, lines in logs); the study prints the MLflow UI link to its runs when it starts and ends.
 
 Everything is recorded (docs/contracts.md, "Study records"): MLflow holds the parent run, the trial runs
 and the final runs; ``runs/studies/NAME/`` holds the resolved config, the stage markers (state.json) and
@@ -459,7 +462,8 @@ def run_workers(study: Study, models: list[str], parent) -> None:
     ostudies = {m: load_optuna(study, m) for m in models}
 
     def finished() -> dict[str, int]:
-        return {m: (lambda c: c["complete"] + c["pruned"])(trial_counts(o)) for m, o in ostudies.items()}
+        counts = {m: trial_counts(o) for m, o in ostudies.items()}
+        return {m: c["complete"] + c["pruned"] for m, c in counts.items()}
 
     bar = Progress(n * len(models), "tune", "trial", done=sum(finished().values()), log=study.log)
 
@@ -614,9 +618,9 @@ def final_run_config(study: Study, model: str, seed: int | None = None):
     run = run_config(cfg, model, study.state()["best_params"].get(model, {}))
     if cfg.run.data.view != "none" and "viewpoint" in cfg.stages:
         run.train.save_every = 1  # the matched protocol reloads the checkpoint of any epoch
-    seeds = study_seeds(cfg)
-    run.train.seed = seeds[0] if seed is None else seed
-    run.run_name = f"final · {model}" + (f" · seed {run.train.seed}" if len(seeds) > 1 else "")
+    if cfg.seeds:  # else the seed of [run] / [per_model] as it is
+        run.train.seed = cfg.seeds[0] if seed is None else seed
+    run.run_name = f"final · {model}" + (f" · seed {run.train.seed}" if len(cfg.seeds) > 1 else "")
     return run
 
 
@@ -646,13 +650,14 @@ def stage_train(study: Study, parent) -> None:
     try:
         for seed, model in todo:
             state = study.state()
+            run_cfg = final_run_config(study, model, seed)
             tags = {
                 "capsbench.kind": "train",
                 "capsbench.role": "final",
                 "capsbench.study": cfg.name,
                 "capsbench.model": model,
                 "capsbench.family": model_family(model),
-                "capsbench.seed": str(seed),
+                "capsbench.seed": str(run_cfg.train.seed),
             }
             # a final run of this parent that did not get recorded (killed mid-run, or just after it ended)
             keys = ("capsbench.study", "capsbench.role", "capsbench.model", "capsbench.seed")
@@ -673,7 +678,7 @@ def stage_train(study: Study, parent) -> None:
                 return False  # progress only: a final training is never stopped early
 
             result = fit_fn(
-                final_run_config(study, model, seed),
+                run_cfg,
                 parent_run_id=parent.run_id,
                 tags=tags,
                 resume_run_id=resume,

@@ -6,7 +6,9 @@ every model of the study (``[train]``, ``[data]``, ``[optim]``, ``[loss]``, ``[m
 ``--set train.epochs=3`` are shorthands for ``[run.train]`` ... and ``--set run.train.epochs=3``);
 ``[per_model.<model>]`` adds model-specific run settings on top; ``[tune]``
 holds the Optuna budget and the two search spaces (capsules: λ schedule and margin schedule; CNNs:
-learning rate, dropout, weight decay). Everything is checked by ``load_study`` before any work starts:
+learning rate, dropout, weight decay); ``seeds = [0, 1, 2]`` trains (and attacks) every model once per
+training seed, so the report can show mean ± 95% interval. Everything is checked by ``load_study`` before
+any work starts:
 unknown keys, wrong types, unknown models or datasets, empty ranges, and per-model run settings.
 
     cfg = load_study("demo", ["tune.n_trials=2", "run.train.epochs=1"])

@@ -436,6 +436,7 @@ def test_parent_run_carries_the_comparison(store, tmp_path):
         "&viewStateShareKey=capsbench"
     )
     assert f"Browse the runs: `make ui`, then open {link}" in text
+    assert ("summary", link) in tracking.ui_links()  # what `make ui` prints, one line per experiment
 
 
 def test_headline_reads_the_matched_protocol(real_store):
