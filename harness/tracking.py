@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         description="The capsbench MLflow store: browse it or print where it is.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    ui = sub.add_parser("ui", help="run `mlflow ui` on the capsbench store")
+    ui = sub.add_parser("ui", help="print each experiment's runs link, then run `mlflow ui` on the store")
     ui.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     sub.add_parser("uri", help="print the tracking URI and the artifact root")
