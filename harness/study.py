@@ -17,11 +17,14 @@ settings. The stages:
   Seeded TPE sampler, median pruning on the per-epoch validation error. Every trial is an MLflow run nested
   under the study's parent run; pruned trials end KILLED, failed ones FAILED.
 - ``train``: each model with its best parameters for the full budget (``run.train.epochs``), keeping a
-  checkpoint per epoch for the matched protocol.
+  checkpoint per epoch for the matched protocol; once per seed when the study lists ``seeds``.
 - ``viewpoint``: the matched novel-viewpoint protocol (harness/viewpoint.py) on the final runs, plus the
   error per (azimuth, elevation) cell of the matched checkpoints.
-- ``attack``: the adversarial suite (harness.attack.attack_run) on the final models.
+- ``attack``: the adversarial suite (harness.attack.attack_run) on the final models (every seed's).
 - ``report``: harness.report.write_report(NAME).
+
+Each stage reports its progress with an estimate of the time left (harness/progress.py: bars on a
+terminal, lines in logs); the study prints the MLflow UI link to its runs when it starts and ends.
 
 Everything is recorded (docs/contracts.md, "Study records"): MLflow holds the parent run, the trial runs
 and the final runs; ``runs/studies/NAME/`` holds the resolved config, the stage markers (state.json) and
@@ -60,6 +63,7 @@ import optuna
 from tqdm.auto import tqdm
 
 from harness.config import ConfigError, dumps_toml, flatten, load_toml
+from harness.progress import Progress
 from harness.study_config import (
     PROJECT_ROOT,
     StudyConfig,
@@ -69,6 +73,7 @@ from harness.study_config import (
     model_family,
     run_config,
     study_from_dict,
+    study_seeds,
     to_toml_dict,
 )
 
@@ -118,7 +123,14 @@ class Study:
 
     def state(self) -> dict[str, Any]:
         if self.state_file.is_file():
-            return json.loads(self.state_file.read_text())
+            state = json.loads(self.state_file.read_text())
+            first = str(study_seeds(self.cfg)[0])  # a folder from before seeds: its runs are the first seed's
+            state.setdefault("seed_runs", {m: {first: r} for m, r in state.get("final_runs", {}).items()})
+            state.setdefault(
+                "seed_history", {m: {first: h} for m, h in state.get("final_history", {}).items()}
+            )
+            state.setdefault("attacked_runs", [])
+            return state
         return {
             "name": self.cfg.name,
             "experiment": self.cfg.experiment,
@@ -127,7 +139,10 @@ class Study:
             "best_params": {},
             "final_runs": {},
             "final_history": {},
+            "seed_runs": {},
+            "seed_history": {},
             "attacked": [],
+            "attacked_runs": [],
         }
 
     def update_state(self, **changes: Any) -> dict[str, Any]:
@@ -199,6 +214,7 @@ def open_parent_run(study: Study):
     if cfg.description:
         tags["mlflow.note.content"] = cfg.description
     run = tracking.start_run(cfg.experiment, cfg.name, tags=tags, system_metrics=False)
+    tracking.share_runs_view(run.experiment_id)  # the report adds the comparison's columns
     run.log_params(flatten(to_toml_dict(cfg)))
     run.log_text(dumps_toml(to_toml_dict(cfg)), "study.toml")
     study.update_state(parent_run_id=run.run_id)
@@ -349,6 +365,7 @@ def run_trials(
         trial.set_user_attr("worker", worker_id())
         params = suggest(trial, family, cfg)
         run_cfg = trial_run_config(study, model, params)
+        run_cfg.run_name = f"trial {trial.number} · {model}"  # how the MLflow runs table lists it
         tags = {
             "capsbench.kind": "trial",
             "capsbench.role": "tune",
@@ -445,19 +462,24 @@ def run_workers(study: Study, models: list[str], parent) -> None:
     """Tune ``models`` with ``study.workers`` processes (inline for one), showing one progress bar."""
     n = study.cfg.tune.n_trials
     ostudies = {m: load_optuna(study, m) for m in models}
-    bar = tqdm(total=n * len(models), desc="tune", unit="trial", dynamic_ncols=True)
+
+    def finished() -> dict[str, int]:
+        counts = {m: trial_counts(o) for m, o in ostudies.items()}
+        return {m: c["complete"] + c["pruned"] for m, c in counts.items()}
+
+    bar = Progress(n * len(models), "tune", "trial", done=sum(finished().values()), log=study.log)
 
     def refresh() -> None:
-        counts = {m: trial_counts(o) for m, o in ostudies.items()}
-        bar.n = sum(c["complete"] + c["pruned"] for c in counts.values())
-        running = [
-            f"{m}#{t.number}"
-            for m, o in ostudies.items()
-            for t in o.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        ]
-        done = ", ".join(f"{m} {c['complete'] + c['pruned']}/{n}" for m, c in counts.items())
-        bar.set_postfix_str(f"{done}; running {', '.join(running) or '-'}")
-        bar.refresh()
+        done = finished()
+        note = ", ".join(f"{m} {k}/{n}" for m, k in done.items())
+        if bar.tty:  # which trials run right now: only on the bar (a log line per change would be noise)
+            running = [
+                f"{m}#{t.number}"
+                for m, o in ostudies.items()
+                for t in o.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            ]
+            note += f"; running {', '.join(running) or '-'}"
+        bar.set(sum(done.values()), note)
 
     refresh()
     args = (str(study.folder), models, 0, study.storage_url, study.workers, study.fit, parent.run_id)
@@ -594,54 +616,95 @@ def stage_tune(study: Study, parent) -> None:
     parent.log_json(best, "tune/best_params.json")
 
 
-def final_run_config(study: Study, model: str):
+def final_run_config(study: Study, model: str, seed: int | None = None):
     cfg = study.cfg
     run = run_config(cfg, model, study.state()["best_params"].get(model, {}))
     if cfg.run.data.view != "none" and "viewpoint" in cfg.stages:
         run.train.save_every = 1  # the matched protocol reloads the checkpoint of any epoch
-    run.run_name = f"{model}-final"
+    if cfg.seeds:  # else the seed of [run] / [per_model] as it is
+        run.train.seed = cfg.seeds[0] if seed is None else seed
+    run.run_name = f"final · {model}" + (f" · seed {run.train.seed}" if len(cfg.seeds) > 1 else "")
     return run
 
 
+def final_runs(study: Study) -> list[tuple[str, int, str]]:
+    """(model, seed, run id) of every finished final training, in the study's seed and model order."""
+    seed_runs = study.state().get("seed_runs", {})
+    return [
+        (m, s, seed_runs[m][str(s)])
+        for s in study_seeds(study.cfg)
+        for m in study.cfg.models
+        if str(s) in seed_runs.get(m, {})
+    ]
+
+
 def stage_train(study: Study, parent) -> None:
+    """Each model with its best parameters, once per seed (``seeds``; default one), resumable per run."""
     from harness import tracking
 
     cfg = study.cfg
     fit_fn = resolve(study.fit)
-    for model in cfg.models:
-        state = study.state()
-        if model in state["final_runs"]:
-            continue
-        tags = {
-            "capsbench.kind": "train",
-            "capsbench.role": "final",
-            "capsbench.study": cfg.name,
-            "capsbench.model": model,
-            "capsbench.family": model_family(model),
-        }
-        # a final run of this parent that did not get recorded (killed mid-run, or just after it ended)
-        earlier = find_runs(
-            cfg.experiment, {k: tags[k] for k in ("capsbench.study", "capsbench.role", "capsbench.model")}
-        )
-        earlier = [r for r in earlier if r.data.tags.get("mlflow.parentRunId") == parent.run_id]
-        resume = earlier[0].info.run_id if earlier else None
-        if resume:
-            try:
-                tracking.load_resume_state(resume)
-            except tracking.CheckpointFileError as e:
-                study.log(f"train: not resuming run {resume}: {e}")
-                resume = None
-            except tracking.TrackingError:
-                resume = None  # died before its first epoch: start over
-        study.log(f"train: {model}" + (f" (resuming run {resume})" if resume else ""))
-        result = fit_fn(
-            final_run_config(study, model), parent_run_id=parent.run_id, tags=tags, resume_run_id=resume
-        )
-        parent.set_tags({f"capsbench.final.{model}": result.run_id})
-        study.update_state(
-            final_runs={**state["final_runs"], model: result.run_id},
-            final_history={**state["final_history"], model: result.history},
-        )
+    seeds = study_seeds(cfg)
+    done = study.state()["seed_runs"]
+    todo = [(s, m) for s in seeds for m in cfg.models if str(s) not in done.get(m, {})]
+    epochs = {m: final_run_config(study, m).train.epochs for m in cfg.models}
+    total = sum(epochs[m] for s in seeds for m in cfg.models)
+    bar = Progress(total, "train", "epoch", done=total - sum(epochs[m] for _, m in todo), log=study.log)
+    try:
+        for seed, model in todo:
+            state = study.state()
+            run_cfg = final_run_config(study, model, seed)
+            tags = {
+                "capsbench.kind": "train",
+                "capsbench.role": "final",
+                "capsbench.study": cfg.name,
+                "capsbench.model": model,
+                "capsbench.family": model_family(model),
+                "capsbench.seed": str(run_cfg.train.seed),
+            }
+            # a final run of this parent that did not get recorded (killed mid-run, or just after it ended)
+            keys = ("capsbench.study", "capsbench.role", "capsbench.model", "capsbench.seed")
+            earlier = find_runs(cfg.experiment, {k: tags[k] for k in keys})
+            earlier = [r for r in earlier if r.data.tags.get("mlflow.parentRunId") == parent.run_id]
+            resume = earlier[0].info.run_id if earlier else None
+            base = bar.done  # epochs of the runs before this one
+            if resume:
+                try:
+                    bar.skip(int(tracking.load_resume_state(resume).get("epoch", 0)))
+                except tracking.CheckpointFileError as e:
+                    study.log(f"train: not resuming run {resume}: {e}")
+                    resume = None
+                except tracking.TrackingError:
+                    resume = None  # died before its first epoch: start over
+            which = f"{model}" + (f" seed {seed}" if len(seeds) > 1 else "")
+            study.log(f"train: {which}" + (f" (resuming run {resume})" if resume else ""))
+
+            def on_epoch(epoch: int, metrics: dict, base=base, which=which, model=model) -> bool:
+                bar.set(base + epoch, f"{which} epoch {epoch}/{epochs[model]}")
+                return False  # progress only: a final training is never stopped early
+
+            result = fit_fn(
+                run_cfg,
+                parent_run_id=parent.run_id,
+                tags=tags,
+                resume_run_id=resume,
+                epoch_callback=on_epoch,
+            )
+            seed_runs, seed_history = state["seed_runs"], state["seed_history"]
+            changes = {
+                "seed_runs": {**seed_runs, model: {**seed_runs.get(model, {}), str(seed): result.run_id}},
+                "seed_history": {
+                    **seed_history,
+                    model: {**seed_history.get(model, {}), str(seed): result.history},
+                },
+            }
+            if seed == seeds[0]:  # the first seed's run is the model's final run (one run per model)
+                parent.set_tags({f"capsbench.final.{model}": result.run_id})
+                changes["final_runs"] = {**state["final_runs"], model: result.run_id}
+                changes["final_history"] = {**state["final_history"], model: result.history}
+            study.update_state(**changes)
+    finally:
+        bar.close()
 
 
 def stage_viewpoint(study: Study, parent) -> None:
@@ -680,8 +743,10 @@ def stage_viewpoint(study: Study, parent) -> None:
     frames = []
     out = study.folder / "viewpoint"
     out.mkdir(exist_ok=True)
-    for m in tqdm(result.models.values(), desc="viewpoint cells", unit="model", dynamic_ncols=True):
+    bar = Progress(len(result.models), "viewpoint cells", "model", log=study.log)
+    for m in result.models.values():
         cells = vp.checkpoint_cells(m.run_id, m.matched_epoch, test, batch_size=cfg.run.data.eval_batch_size)
+        bar.update(1, m.model)
         cells.insert(0, "family", m.family)
         cells.insert(0, "model", m.model)
         frames.append(cells)
@@ -690,6 +755,7 @@ def stage_viewpoint(study: Study, parent) -> None:
             grid, out / f"heatmap_{m.model}.png", f"{m.model}, matched epoch {m.matched_epoch}"
         )
         parent.log_file(png, "viewpoint")
+    bar.close()
     import pandas as pd
 
     cells = pd.concat(frames, ignore_index=True)
@@ -699,33 +765,77 @@ def stage_viewpoint(study: Study, parent) -> None:
     parent.log_metrics(vp.parent_metrics(result))
     parent.log_text(cells.to_csv(index=False), "viewpoint/cells.csv")
     parent.log_json(result.to_dict(), "viewpoint/matched.json")
+    if len(study_seeds(cfg)) > 1:
+        compare_seed_runs(study, parent, families)
+
+
+def compare_seed_runs(study: Study, parent, families: dict[str, str]) -> None:
+    """The matched protocol once per seed (models paired by seed) and the comparison over seeds."""
+    from harness import viewpoint as vp
+
+    cfg, state = study.cfg, study.state()
+    results = {}
+    for seed in study_seeds(cfg):
+        histories = {m: state["seed_history"].get(m, {}).get(str(seed)) for m in cfg.models}
+        if any(h is None for h in histories.values()):
+            continue  # a seed without every model's final run cannot be paired
+        results[seed] = vp.match_checkpoints(
+            histories,
+            families=families,
+            view=cfg.run.data.view,
+            reference=cfg.viewpoint.reference,
+            run_ids={m: state["seed_runs"][m][str(seed)] for m in cfg.models},
+        )
+    comparison = vp.compare_seeds(results)
+    record = {**comparison.to_dict(), "matches": {str(s): r.to_dict() for s, r in results.items()}}
+    out = study.folder / "viewpoint"
+    out.mkdir(exist_ok=True)
+    (out / "seeds.json").write_text(json.dumps(record, indent=2))
+    parent.log_json(record, "viewpoint/seeds.json")
+    parent.log_metrics(vp.seed_parent_metrics(comparison))
+    novel = ", ".join(f"{m} {e:pct}" for m, e in comparison.novel.items())
+    study.log(f"viewpoint over seeds {comparison.seeds}: matched novel error {novel}; {comparison.verdict()}")
 
 
 def stage_attack(study: Study, parent) -> None:
+    """The attack suite on every final run (every seed), resumable per run."""
     from harness.attack import attack_run
 
     a = study.cfg.attack
-    for model, run_id in study.state()["final_runs"].items():
-        if model in study.state()["attacked"]:
-            continue
-        study.log(f"attack: {model} ({', '.join(a.attacks)} at eps {a.eps}, {a.n_examples} images)")
-        report = attack_run(
-            run_id,
-            attacks=a.attacks,
-            eps=a.eps,
-            losses=a.losses,
-            targeted=a.targeted,
-            steps=a.steps,
-            n_examples=a.n_examples,
-            device=a.device,
-            seed=a.seed,
-            checks=a.checks,
-            check_examples=a.check_examples,
-            check_steps=a.check_steps,
-        )
-        if getattr(report, "flags", None):
-            study.log(f"attack: {model} gradient-masking flags: {report.flags}")
-        study.update_state(attacked=[*study.state()["attacked"], model])
+    runs = final_runs(study)
+    many = len(study_seeds(study.cfg)) > 1
+    todo = [r for r in runs if r[2] not in study.state()["attacked_runs"]]
+    bar = Progress(len(runs), "attack", "run", done=len(runs) - len(todo), log=study.log)
+    try:
+        for model, seed, run_id in todo:
+            which = f"{model}" + (f" seed {seed}" if many else "")
+            study.log(f"attack: {which} ({', '.join(a.attacks)} at eps {a.eps}, {a.n_examples} images)")
+            report = attack_run(
+                run_id,
+                attacks=a.attacks,
+                eps=a.eps,
+                losses=a.losses,
+                targeted=a.targeted,
+                steps=a.steps,
+                n_examples=a.n_examples,
+                device=a.device,
+                seed=a.seed,
+                checks=a.checks,
+                check_examples=a.check_examples,
+                check_steps=a.check_steps,
+                progress=bar.tty,
+            )
+            if getattr(report, "flags", None):
+                study.log(f"attack: {which} gradient-masking flags: {report.flags}")
+            state = study.state()
+            attacked_runs = [*state["attacked_runs"], run_id]
+            done_models = [
+                m for m in study.cfg.models if all(r in attacked_runs for mm, _, r in runs if mm == m)
+            ]
+            study.update_state(attacked_runs=attacked_runs, attacked=done_models)
+            bar.update(1, which)
+    finally:
+        bar.close()
 
 
 def stage_report(study: Study, parent) -> None:
@@ -755,9 +865,12 @@ def run_study(
     fit: str = FIT,
 ) -> Study:
     """Run every stage in ``cfg.stages`` that is not done yet; the parent run ends FINISHED when all are."""
+    from harness import tracking
+
     check_runs(cfg)  # before the folder records (and locks in) any setting
     study = open_study(cfg, root, storage=storage, workers=workers, fresh=fresh, fit=fit)
     parent = open_parent_run(study)
+    study.log(f"runs: `make ui`, then open {tracking.ui_url(parent.experiment_id)}")
     status = "FAILED"
     try:
         todo = [s for s in cfg.stages if not study.done(s)]
@@ -900,6 +1013,20 @@ def status_text(cfg: StudyConfig, root: Path = DEFAULT_ROOT, storage: str | None
     return "\n".join(lines)
 
 
+def links_text(study: Study) -> str:
+    """Where to look next: the report (when written) and the MLflow UI link to the study's runs."""
+    from harness import tracking
+    from harness.report import reports_root
+
+    lines = []
+    report = reports_root() / study.cfg.name / "report.html"
+    if study.done("report") and report.is_file():
+        lines.append(f"report:  {report}  (and report.md beside it)")
+    exp_id = tracking.experiment_id(study.cfg.experiment)
+    lines.append(f"runs:    make ui, then open {tracking.ui_url(exp_id)}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
@@ -995,6 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(status_text(cfg, args.root, args.storage))
         print(f"study {cfg.name} finished in {time.perf_counter() - t0:.0f}s (folder {study.folder})")
+        print(links_text(study))
     except (ConfigError, StudyError, DataError, TrackingError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

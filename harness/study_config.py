@@ -6,7 +6,9 @@ every model of the study (``[train]``, ``[data]``, ``[optim]``, ``[loss]``, ``[m
 ``--set train.epochs=3`` are shorthands for ``[run.train]`` ... and ``--set run.train.epochs=3``);
 ``[per_model.<model>]`` adds model-specific run settings on top; ``[tune]``
 holds the Optuna budget and the two search spaces (capsules: λ schedule and margin schedule; CNNs:
-learning rate, dropout, weight decay). Everything is checked by ``load_study`` before any work starts:
+learning rate, dropout, weight decay); ``seeds = [0, 1, 2]`` trains (and attacks) every model once per
+training seed, so the report can show mean ± 95% interval. Everything is checked by ``load_study`` before
+any work starts:
 unknown keys, wrong types, unknown models or datasets, empty ranges, and per-model run settings.
 
     cfg = load_study("demo", ["tune.n_trials=2", "run.train.epochs=1"])
@@ -115,6 +117,9 @@ class StudyConfig:
     experiment: str = ""  # MLflow experiment ("" = the study name)
     models: list[str] = field(default_factory=lambda: ["em_capsnet_small", "cnn_small"])
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # which stages to run, in order
+    # training seeds of the final runs: each model is trained (and attacked) once per seed, and the report
+    # shows mean ± 95% interval; [] = one final run per model with run.train.seed
+    seeds: list[int] = field(default_factory=list)
     run: RunConfig = field(default_factory=RunConfig)  # shared by every model
     per_model: dict[str, Any] = field(default_factory=dict)  # {model: partial RunConfig}
     synthnorb: SynthnorbConfig = field(default_factory=SynthnorbConfig)
@@ -230,7 +235,12 @@ def to_toml_dict(cfg: StudyConfig) -> dict[str, Any]:
 def fingerprint(cfg: StudyConfig) -> dict[str, Any]:
     """The settings finished trials and trainings depend on; a rerun must not change them."""
     d = to_dict(cfg)
-    return flatten({k: d[k] for k in ("models", "run", "per_model", "synthnorb", "tune")})
+    return flatten({k: d[k] for k in ("models", "run", "per_model", "synthnorb", "tune", "seeds")})
+
+
+def study_seeds(cfg: StudyConfig) -> list[int]:
+    """The final runs' training seeds: ``seeds``, else the single ``run.train.seed``."""
+    return list(cfg.seeds) or [cfg.run.train.seed]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +263,8 @@ def validate(cfg: StudyConfig) -> None:
     for m in cfg.per_model:
         if m not in cfg.models:
             raise ConfigError(f"[per_model.{m}] names a model that is not in models = {cfg.models}")
+    if len(set(cfg.seeds)) != len(cfg.seeds) or any(s < 0 for s in cfg.seeds):
+        raise ConfigError(f"seeds must be distinct integers >= 0, got {cfg.seeds}; e.g. seeds = [0, 1, 2]")
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise ConfigError(f"stages: unknown stage {bad[0]!r}; stages are {', '.join(STAGES)}")

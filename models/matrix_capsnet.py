@@ -41,7 +41,7 @@ class MatrixCapsNet(nn.Module):
         lambda_schedule: str = "official",  # official: final (1 - 0.95^t) | linear: 1, 2, 3 | constant
         final_lambda: float = 0.01,
         cost_norm: str = "none",  # none (paper) | zscore (seed article) | scaled (Gritzman 2019)
-        routing: str = "fast",  # fast (models.em_fast) | reference (unfold + einsum + DESIGN §4)
+        routing: str = "fast",  # fast (models.em_fast) | reference (unfold + einsum, docs/em_routing.md)
         var_floor: float = DEFAULT_VAR_FLOOR,
         conv1_norm: str = "none",  # none (paper) | batch: BatchNorm between Conv1 and its ReLU
         weight_init: str = "normal",  # normal | identity (I + noise) for the transformation matrices

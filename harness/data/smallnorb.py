@@ -1,4 +1,4 @@
-"""smallNORB: the six files, record order, download, verification and loading (DESIGN §5).
+"""smallNORB: the six files, record order, download, verification and loading (docs/smallnorb_format.md).
 
 The files use the NORB matrix format (harness/data/norb_format.py), gzip-compressed as published or
 plain (memory-mapped). The 96×96 stereo images are downsampled once to 48×48 and cached in

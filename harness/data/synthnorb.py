@@ -1,4 +1,4 @@
-"""synthnorb: a procedural stand-in for smallNORB, rendered offline in minutes (DESIGN §5).
+"""synthnorb: a procedural stand-in for smallNORB, rendered offline in minutes (docs/smallnorb_format.md).
 
 Five categories of toy objects in smallNORB's order (animal, human, airplane, truck, car), ten seeded
 instances each (train 4,6,7,8,9; test 0,1,2,3,5), built from analytic primitives (ellipsoids, boxes,
