@@ -6,9 +6,10 @@
 For each recipe, a net is trained for ``--steps`` Adam steps on Fashion-MNIST (batch 32, spread loss,
 margin 0.5), then every routed layer is re-run on a fixed batch with the plain reference routing stopped
 after t = 1, 2, ... iterations. Per layer and t it prints:
-- ``entropy``: each child's assignment entropy over the parents it votes for, divided by its value
-  under uniform assignments (1 = uniform, 0 = every child sends everything to one parent);
-- ``max_R``: each child's largest assignment;
+- ``entropy``: the entropy of each child's assignments over the parent types of one receptive field
+  (renormalised there under global competition), divided by its value under uniform assignments
+  (1 = uniform, 0 = everything to one parent type);
+- ``max_R``: the largest of those renormalised assignments;
 - ``floor``: the fraction of parent variances within 2x of the variance floor;
 - ``act_std``: the spread of the layer's output activations;
 - for the class layer, ``acc``: accuracy on the batch if routing stopped after t iterations.
@@ -90,14 +91,13 @@ def route_stats(layer, poses, acts, iterations: int) -> dict[str, float]:
     finally:
         layer.routing, layer._route = saved
         del layer._route  # back to the class's method
-    R = seen["R"]
-    mask = R > 0  # under global competition a child votes for a subset of the parents
-    n = mask.sum(-1).clamp_min(1)
-    entropy = -(R.clamp_min(1e-30).log() * R).sum(-1) / n.float().log().clamp_min(1e-9)
-    per_child = R.sum(-1) > 0.5  # children present in this receptive field
+    R = seen["R"]  # (..., I, J); under global competition a child's row spreads over several positions
+    cond = R / R.sum(-1, keepdim=True).clamp_min(1e-30)  # over the J parent types at this position
+    present = R.sum(-1) > 1e-6
+    entropy = -(cond.clamp_min(1e-30).log() * cond).sum(-1) / math.log(R.shape[-1])
     out = dict(
-        entropy=entropy[per_child].mean().item(),
-        max_R=R.max(-1).values[per_child].mean().item(),
+        entropy=entropy[present].mean().item(),
+        max_R=cond.max(-1).values[present].mean().item(),
         floor=(seen["var"] < 2 * layer.var_floor).float().mean().item(),
         act_std=(torch.sigmoid(seen["act"]) if logits is not None else seen["act"]).std().item(),
     )

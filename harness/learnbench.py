@@ -36,7 +36,7 @@ import models
 from harness.config import ConfigError, RunConfig, apply_overrides
 from harness.data import DataError
 
-DEFAULT_ENTRIES = ["caps=em_capsnet_small", "cnn=cnn_small"]
+DEFAULT_ENTRIES = ["caps=em_capsnet_small", "cnn=cnn_small,optim.lr=0.001"]  # each family at its best measured lr
 DEFAULT_DATA = ["fashion_mnist", "synthnorb"]
 EXPERIMENT = "learnbench"
 SYNTHNORB_FOLDER = "synthnorb-48px-2light"  # shared with studies/synthnorb_azimuth.toml

@@ -130,6 +130,11 @@ def init_transforms(shape: tuple[int, ...], init: str, std: float) -> torch.Tens
     return w
 
 
+class BetaUnits(StrEnum):
+    COST = "cost"  # beta_a as in the paper: logit = λ (beta_a - cost)
+    LOGIT = "logit"  # the parameter is λ_T beta_a: the same math, a step size the optimiser can use
+
+
 class _RoutingLayer(nn.Module):
     """Shared parameters and options of the layers that route: transformation matrices and betas."""
 
@@ -144,23 +149,33 @@ class _RoutingLayer(nn.Module):
         weight_init: str = "normal",
         weight_std: float = 0.5,
         beta_a_init: Sequence[float] = (0.0, 0.0),
+        beta_a_units: str = "cost",
     ):
         super().__init__()
+        self.beta_a_units = _choice(BetaUnits, beta_a_units, "beta_a_units").value
         self.weight = nn.Parameter(init_transforms(weight_shape, weight_init, weight_std))
         self.beta_u = nn.Parameter(torch.zeros(parents))
         mean, std = beta_a_init
-        self.beta_a = nn.Parameter(mean + std * torch.randn(parents))
+        beta_a = torch.full((parents,), float(mean))
+        self.beta_a = nn.Parameter(beta_a + std * torch.randn(parents) if std else beta_a)
         self.inverse_temperatures = tuple(float(x) for x in inverse_temperatures)
         self.cost_norm = _choice(CostNorm, cost_norm, "cost_norm").value
         self.var_floor = float(var_floor)
         self.routing = _choice(Routing, routing, "routing").value
+
+    def routing_beta_a(self) -> torch.Tensor:
+        """beta_a as the routing uses it (cost units): the parameter itself, or parameter / λ_T when it is
+        kept in logit units, so that a step of the optimiser moves the last logits by the same amount."""
+        if self.beta_a_units == BetaUnits.LOGIT.value:
+            return self.beta_a / self.inverse_temperatures[-1]
+        return self.beta_a
 
     def _route(self, votes, acts, normalize=group_softmax, return_logits=False):
         return em_routing(
             votes,
             acts,
             self.beta_u,
-            self.beta_a,
+            self.routing_beta_a(),
             self.inverse_temperatures,
             cost_norm=self.cost_norm,
             var_floor=self.var_floor,
@@ -196,6 +211,7 @@ class ConvCaps(_RoutingLayer):
         weight_init: str = "normal",
         weight_std: float = 0.5,
         beta_a_init: Sequence[float] = (0.0, 0.0),
+        beta_a_units: str = "cost",
     ):
         super().__init__(
             (kernel * kernel * in_types, out_types, 4, 4),
@@ -207,6 +223,7 @@ class ConvCaps(_RoutingLayer):
             weight_init,
             weight_std,
             beta_a_init,
+            beta_a_units,
         )
         self.in_types, self.out_types, self.kernel, self.stride = in_types, out_types, kernel, stride
         self.competition = _choice(Competition, competition, "competition").value
@@ -232,7 +249,7 @@ class ConvCaps(_RoutingLayer):
                 acts,
                 self.weight,
                 self.beta_u,
-                self.beta_a,
+                self.routing_beta_a(),
                 K,
                 s,
                 self.competition,
@@ -280,6 +297,7 @@ class ClassCaps(_RoutingLayer):
         weight_init: str = "normal",
         weight_std: float = 0.5,
         beta_a_init: Sequence[float] = (0.0, 0.0),
+        beta_a_units: str = "cost",
     ):
         super().__init__(
             (in_types, num_classes, 4, 4),
@@ -291,6 +309,7 @@ class ClassCaps(_RoutingLayer):
             weight_init,
             weight_std,
             beta_a_init,
+            beta_a_units,
         )
         self.in_types, self.num_classes, self.coord_add = in_types, num_classes, bool(coord_add)
         self.register_buffer("centres", torch.as_tensor(centres, dtype=torch.float32), persistent=False)
@@ -331,7 +350,7 @@ class ClassCaps(_RoutingLayer):
                 self.weight,
                 off,
                 self.beta_u,
-                self.beta_a,
+                self.routing_beta_a(),
                 **self._fast_options(),
                 return_logits=return_logits,
             )

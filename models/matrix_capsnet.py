@@ -47,6 +47,7 @@ class MatrixCapsNet(nn.Module):
         weight_init: str = "normal",  # normal | identity (I + noise) for the transformation matrices
         weight_std: float = 0.5,
         beta_a_init: tuple[float, float] = (0.0, 0.0),  # mean, std of each parent type's beta_a
+        beta_a_units: str = "cost",  # cost (paper) | logit: the parameter is λ_T beta_a (same math)
     ):
         super().__init__()
         for name, value in dict(in_channels=in_channels, num_classes=num_classes, A=A, B=B, C=C, D=D).items():
@@ -79,6 +80,7 @@ class MatrixCapsNet(nn.Module):
             weight_init=weight_init,
             weight_std=weight_std,
             beta_a_init=tuple(beta_a_init),
+            beta_a_units=beta_a_units,
         )
         self.conv_caps1 = ConvCaps(B, C, 3, 2, lambdas, competition=competition, **routing_args)
         self.conv_caps2 = ConvCaps(C, D, 3, 1, lambdas, competition=competition, **routing_args)
