@@ -45,7 +45,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -56,8 +55,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from harness import study_storage
 from harness.config import ConfigError, dumps_toml, flatten, load_toml
 from harness.study_config import (
     PROJECT_ROOT,
@@ -73,7 +74,7 @@ from harness.study_config import (
 
 DEFAULT_ROOT = PROJECT_ROOT / "runs" / "studies"
 FIT = "harness.train:fit"  # what trials and final runs call; tests inject a fake with run_study(fit=...)
-COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+WAIT_POLL_S = 2  # a worker whose share of trials is done checks this often on the trials others hold
 
 # Optuna parameter name -> RunConfig key it sets
 PARAM_KEYS = {
@@ -214,28 +215,22 @@ def find_runs(experiment: str, tags: dict[str, str], statuses: tuple[str, ...] =
     return [r for r in runs if not statuses or r.info.status in statuses]
 
 
-def end_run(run_id: str, status: str) -> None:
-    from harness import tracking
-
-    tracking.TrackedRun(run_id, system_metrics=False).end(status)
-
-
 # ---------------------------------------------------------------------------------------------
 # tune: one Optuna study per model, N local workers, equal budgets
 # ---------------------------------------------------------------------------------------------
 
 
 def optuna_storage(study: Study):
+    """The study's journal file, or the shared RDB (``--storage``) with Optuna's heartbeat on."""
     if study.storage_url:
-        return optuna.storages.RDBStorage(
+        t = study.cfg.tune
+        return study_storage.rdb_storage(
             study.storage_url,
-            heartbeat_interval=60,
-            grace_period=300,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
+            heartbeat_interval=t.heartbeat_interval,
+            grace_period=t.grace_period,
+            on_stale=lambda ostudy, trial: close_dead_trial(study, ostudy, trial),
         )
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.storages.JournalStorage(JournalFileBackend(str(study.folder / "optuna.journal")))
+    return study_storage.journal_storage(str(study.folder / "optuna.journal"))
 
 
 def sampler_and_pruner(cfg: StudyConfig, worker: int):
@@ -294,15 +289,28 @@ def trial_run_config(study: Study, model: str, params: dict[str, Any]):
     return run
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def trial_counts(ostudy: optuna.Study) -> dict[str, int]:
+    """Trials by state (surplus asks left out); the budget counts complete + pruned."""
+    counts = {"complete": 0, "pruned": 0, "running": 0, "fail": 0, "waiting": 0}
+    for t in ostudy.get_trials(deepcopy=False):
+        if t.user_attrs.get("surplus"):
+            continue
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    return counts
 
 
-def budget_used(ostudy: optuna.Study, below: int | None = None) -> int:
-    """Trials that count against the budget: complete, pruned, running (and, below a number, waiting)."""
-    states = COUNTED if below is None else (*COUNTED, optuna.trial.TrialState.WAITING)
+def claimed(ostudy: optuna.Study, below: int | None = None) -> int:
+    """Trials that hold a share of the budget: finished (complete, pruned), running or queued (waiting).
+
+    With ``below``, only those numbered below it: of two trials asked at once, the lower number wins.
+    """
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     trials = ostudy.get_trials(deepcopy=False, states=states)
     return sum(1 for t in trials if below is None or t.number < below)
+
+
+def finished(ostudy: optuna.Study) -> int:
+    return len(ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 def tune_worker(
@@ -331,7 +339,12 @@ def run_trials(
     parent_run_id: str,
     on_trial: Callable[[], None] | None = None,
 ) -> None:
-    """Ask, run and tell trials of ``model`` until complete + pruned + running trials reach the budget."""
+    """Ask, run and tell trials of ``model`` until complete + pruned trials reach the budget.
+
+    When every share of the budget is taken but trials of other workers (any machine) are still running,
+    this worker waits for them, checking every few seconds for dead ones: those are failed and their
+    parameters queued again (``fail_stale_trials``), and this worker runs the retry.
+    """
     cfg = study.cfg
     family = model_family(model)
     ostudy = load_optuna(study, model, worker)
@@ -340,11 +353,11 @@ def run_trials(
 
     def objective(trial: optuna.Trial) -> float:
         mine["number"] = trial.number
-        if budget_used(ostudy, below=trial.number) >= n_trials:
+        if claimed(ostudy, below=trial.number) >= n_trials:
             mine["surplus"] = True
             trial.set_user_attr("surplus", True)
             raise SurplusTrial(f"trial {trial.number} is over the budget of {n_trials}")
-        trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("worker", study_storage.worker_id())
         params = suggest(trial, family, cfg)
         run_cfg = trial_run_config(study, model, params)
         tags = {
@@ -378,15 +391,25 @@ def run_trials(
             raise StudyError(f"trial {trial.number} of {model} logged no finite val_error")
         return min(values)
 
-    while budget_used(ostudy) < n_trials:
+    waiting_for: list[int] = []
+    while finished(ostudy) < n_trials:
+        if claimed(ostudy) >= n_trials and not _queued(ostudy):
+            if fail_stale_trials(study, ostudy):
+                continue  # their retries are queued now
+            held = [t.number for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+            if held != waiting_for:
+                waiting_for = held
+                study.log(f"tune: {model}: waiting for trial(s) {held} of other workers")
+            if on_trial is not None:
+                on_trial()
+            time.sleep(WAIT_POLL_S)
+            continue
         mine.clear()
         ostudy.optimize(
             objective, n_trials=1, catch=(Exception,), gc_after_trial=False, show_progress_bar=False
         )
-        if mine.get("surplus"):
-            break  # other workers used up the budget meanwhile
-        if "number" in mine and ostudy.get_trials(deepcopy=False)[mine["number"]].state.name == "FAIL":
-            failures += 1
+        if "number" in mine and not mine.get("surplus"):
+            failures += ostudy.get_trials(deepcopy=False)[mine["number"]].state == TrialState.FAIL
         if on_trial is not None:
             on_trial()
         if failures > cfg.tune.max_failed:
@@ -397,46 +420,37 @@ def run_trials(
             )
 
 
+def _queued(ostudy: optuna.Study) -> int:
+    return len(ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
 def fail_stale_trials(study: Study, ostudy: optuna.Study) -> list[int]:
-    """RUNNING trials whose worker process on this host is gone: FAILED (Optuna and MLflow), then retried."""
-    import psutil
-
-    host = socket.gethostname()
-    stale = []
-    for t in ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        w_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if w_host == host and pid.isdigit() and psutil.pid_exists(int(pid)) and int(pid) != os.getpid():
-            continue  # a live worker on this machine
-        if w_host and w_host != host:
-            continue  # another machine's worker: RDB storage's heartbeat handles those
-        ostudy.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-        stale.append(t.number)
-        for r in find_runs(
-            study.cfg.experiment,
-            {
-                "capsbench.study": study.cfg.name,
-                "optuna.study": ostudy.study_name,
-                "optuna.trial": str(t.number),
-            },
-            ("RUNNING",),
-        ):
-            end_run(r.info.run_id, "FAILED")
-        if t.params and budget_used(ostudy) + _waiting(ostudy) < study.cfg.tune.n_trials:
-            ostudy.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-    return stale
+    """Fail the RUNNING trials whose worker died (study_storage.dead_trials) and retry each; -> numbers."""
+    return study_storage.fail_dead_trials(ostudy, lambda o, t: close_dead_trial(study, o, t))
 
 
-def _waiting(ostudy: optuna.Study) -> int:
-    return len(ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+def close_dead_trial(study: Study, ostudy: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """After a dead worker's trial was failed: its MLflow run FAILED, the parent run of a dead study
+    process KILLED, and its parameters queued for a retry while the budget has room."""
+    from harness import tracking
 
-
-def trial_counts(ostudy: optuna.Study) -> dict[str, int]:
-    counts = {"complete": 0, "pruned": 0, "running": 0, "fail": 0, "waiting": 0}
-    for t in ostudy.get_trials(deepcopy=False):
-        if t.user_attrs.get("surplus"):
-            continue
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
-    return counts
+    cfg = study.cfg
+    tags = {"capsbench.study": cfg.name, "optuna.study": ostudy.study_name, "optuna.trial": str(trial.number)}
+    for run_tags in tracking.end_running_runs(cfg.experiment, tags, "FAILED"):
+        parent_id = run_tags.get("mlflow.parentRunId")
+        parent_tags = tracking.running_run_tags(parent_id) if parent_id else None
+        runner = (parent_tags or {}).get("capsbench.runner", "")
+        # the runner's process is gone: on this host when its pid is; on another one, its trial's
+        # heartbeat stopped (a live runner that lost a worker process ends its parent run itself)
+        if parent_tags is not None and runner != study_storage.worker_id():
+            if study_storage.process_gone(runner) is not False:
+                tracking.end_run(parent_id, "KILLED")
+    retried = claimed(ostudy) < cfg.tune.n_trials and study_storage.enqueue_retry(ostudy, trial)
+    worker = trial.user_attrs.get("worker", "an unknown worker")
+    study.log(
+        f"tune: {trial.number} of {ostudy.study_name} ({worker}) is dead: failed"
+        + (", queued again with the same parameters" if retried else "")
+    )
 
 
 def run_workers(study: Study, models: list[str], parent) -> None:
@@ -451,7 +465,7 @@ def run_workers(study: Study, models: list[str], parent) -> None:
         running = [
             f"{m}#{t.number}"
             for m, o in ostudies.items()
-            for t in o.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            for t in o.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         ]
         done = ", ".join(f"{m} {c['complete'] + c['pruned']}/{n}" for m, c in counts.items())
         bar.set_postfix_str(f"{done}; running {', '.join(running) or '-'}")
@@ -749,8 +763,14 @@ def run_study(
     fit: str = FIT,
 ) -> Study:
     """Run every stage in ``cfg.stages`` that is not done yet; the parent run ends FINISHED when all are."""
+    from harness.tracking import tracking_uri
+
+    study_storage.check_tracking_uri(tracking_uri())  # a missing driver fails here, before any record
+    if storage:
+        study_storage.check_storage(storage)
     study = open_study(cfg, root, storage=storage, workers=workers, fresh=fresh, fit=fit)
     parent = open_parent_run(study)
+    parent.set_tags({"capsbench.runner": study_storage.worker_id()})  # who holds it (dead-parent check)
     status = "FAILED"
     try:
         todo = [s for s in cfg.stages if not study.done(s)]
@@ -809,18 +829,24 @@ def status_text(cfg: StudyConfig, root: Path = DEFAULT_ROOT, storage: str | None
         lines.append(f"  {stage:<10} " + (f"done ({s['seconds']}s)" if s else current))
     for model in cfg.models:
         try:
-            c = trial_counts(
-                optuna.load_study(study_name=f"{cfg.name}.{model}", storage=optuna_storage(study))
-            )
+            ostudy = optuna.load_study(study_name=f"{cfg.name}.{model}", storage=optuna_storage(study))
         except KeyError:  # not created yet
-            c = {}
+            ostudy = None
+        c = trial_counts(ostudy) if ostudy else {}
+        dead = study_storage.dead_trials(ostudy) if ostudy else []
         tuned = "tuned" if model in state["best_params"] else "tuning"
         run = state["final_runs"].get(model, "-")
         lines.append(
             f"  {model}: {tuned} {c.get('complete', 0)} complete, {c.get('pruned', 0)} pruned, "
-            f"{c.get('running', 0)} running, {c.get('fail', 0)} failed of {cfg.tune.n_trials}; "
-            f"final run {run}"
+            f"{c.get('running', 0) - len(dead)} running, {len(dead)} dead, {c.get('fail', 0)} failed "
+            f"of {cfg.tune.n_trials}; final run {run}"
         )
+        for t in dead:
+            worker = t.user_attrs.get("worker", "an unknown worker")
+            lines.append(
+                f"    dead: trial {t.number} of {worker} (process gone or no heartbeat within "
+                "tune.grace_period); a running study fails it and retries its parameters"
+            )
     matched = folder / "viewpoint" / "matched.md"
     if matched.is_file():
         lines += ["", matched.read_text().rstrip()]
@@ -896,6 +922,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: name a study, e.g. `python -m harness.study demo` (--list shows them)", file=sys.stderr)
         return 2
     from harness.data import DataError
+    from harness.study_storage import StorageError
     from harness.tracking import TrackingError
     from harness.train import TrainingError
 
@@ -916,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(status_text(cfg, args.root, args.storage))
         print(f"study {cfg.name} finished in {time.perf_counter() - t0:.0f}s (folder {study.folder})")
-    except (ConfigError, StudyError, DataError, TrackingError, TrainingError) as e:
+    except (ConfigError, StudyError, StorageError, DataError, TrackingError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:

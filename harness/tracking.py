@@ -350,6 +350,37 @@ def log_attack_results(
 
 
 # ---------------------------------------------------------------------------------------------
+# runs a dead process left RUNNING (harness/study.py closes them when it fails that process's trials)
+# ---------------------------------------------------------------------------------------------
+
+
+def end_running_runs(experiment: str, tags: dict[str, str], status: str) -> list[dict[str, str]]:
+    """End every RUNNING run of ``experiment`` carrying all ``tags`` with ``status``; -> the tags of each."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = c.search_runs([exp.experiment_id], f"{query} and attributes.status = 'RUNNING'")
+    for run in runs:
+        c.set_terminated(run.info.run_id, status=status)
+    return [run.data.tags for run in runs]
+
+
+def running_run_tags(run_id: str) -> dict[str, str] | None:
+    """The tags of run ``run_id`` while it is RUNNING; None when it ended or does not exist."""
+    try:
+        run = client().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return dict(run.data.tags) if run.info.status == "RUNNING" else None
+
+
+def end_run(run_id: str, status: str) -> None:
+    client().set_terminated(run_id, status=status)
+
+
+# ---------------------------------------------------------------------------------------------
 # run facts: git, versions
 # ---------------------------------------------------------------------------------------------
 
