@@ -448,7 +448,7 @@ def close_dead_trial(study: Study, ostudy: optuna.Study, trial: optuna.trial.Fro
     retried = claimed(ostudy) < cfg.tune.n_trials and study_storage.enqueue_retry(ostudy, trial)
     worker = trial.user_attrs.get("worker", "an unknown worker")
     study.log(
-        f"tune: {trial.number} of {ostudy.study_name} ({worker}) is dead: failed"
+        f"tune: trial {trial.number} of {ostudy.study_name} ({worker}) is dead: failed"
         + (", queued again with the same parameters" if retried else "")
     )
 
@@ -590,11 +590,7 @@ def stage_tune(study: Study, parent) -> None:
         best.update({m: {} for m in pending})
         pending = []
     for model in pending:
-        stale = fail_stale_trials(study, load_optuna(study, model))
-        if stale:
-            study.log(
-                f"tune: {model} trials {stale} were left RUNNING by a dead worker; failed, queued for retry"
-            )
+        fail_stale_trials(study, load_optuna(study, model))  # logs each trial it fails
     if pending:
         study.log(f"tune: {', '.join(pending)}: {cfg.tune.n_trials} trials each, {study.workers} worker(s)")
         run_workers(study, pending, parent)
@@ -763,11 +759,6 @@ def run_study(
     fit: str = FIT,
 ) -> Study:
     """Run every stage in ``cfg.stages`` that is not done yet; the parent run ends FINISHED when all are."""
-    from harness.tracking import tracking_uri
-
-    study_storage.check_tracking_uri(tracking_uri())  # a missing driver fails here, before any record
-    if storage:
-        study_storage.check_storage(storage)
     study = open_study(cfg, root, storage=storage, workers=workers, fresh=fresh, fit=fit)
     parent = open_parent_run(study)
     parent.set_tags({"capsbench.runner": study_storage.worker_id()})  # who holds it (dead-parent check)
@@ -923,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from harness.data import DataError
     from harness.study_storage import StorageError
-    from harness.tracking import TrackingError
+    from harness.tracking import TrackingError, tracking_uri
     from harness.train import TrainingError
 
     try:
@@ -933,6 +924,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print(dumps_toml(to_toml_dict(cfg)), end="")
             return 0
+        # a missing driver or an unreachable database fails here, before anything is created
+        study_storage.check_tracking_uri(tracking_uri())
+        if args.storage:
+            study_storage.check_storage(args.storage)
         if args.status:
             print(status_text(cfg, args.root, args.storage))
             return 0
