@@ -2,7 +2,7 @@
 
     python -m harness.study demo                          # what `make study NAME=demo` runs
     python -m harness.study synthnorb_azimuth --workers 2 --set tune.n_trials=12
-    python -m harness.study smallnorb_azimuth --storage postgresql://user:pw@host/optuna   # many machines
+    python -m harness.study smallnorb_azimuth --storage postgresql+psycopg://user:pw@host/optuna  # machines
     python -m harness.study demo --status                 # which stages and trials are done, what is left
     python -m harness.study demo --check                  # validate the study file and exit
     python -m harness.study --list                        # the study files in studies/
@@ -30,9 +30,12 @@ reused; trials left RUNNING by a dead worker are failed and retried with the sam
 interrupted final training resumes from its last completed epoch.
 
 Scaling out: ``--workers N`` runs N local processes on each model's Optuna study. For many machines,
-point every machine at one Optuna RDB (``--storage postgresql://...``; Optuna's heartbeat fails trials of
-dead machines) and one MLflow server (``MLFLOW_TRACKING_URI=http://host:5000``), and start the same
-command on each; the study folder (state.json) is per machine, the trials are shared.
+point every machine at one Optuna RDB (``--storage postgresql+psycopg://...``, harness/study_storage.py)
+and one MLflow server (``MLFLOW_TRACKING_URI=http://host:5000``), and start the same command on each; the
+study folder (state.json) is per machine, the trials are shared. A worker whose share of the budget is
+taken waits for the trials other machines hold; a trial whose worker died (Optuna heartbeat older than
+``tune.grace_period``, or a gone pid on this host) is failed, its MLflow run ended FAILED (the dead
+machine's parent run KILLED), and its parameters queued again.
 """
 
 from __future__ import annotations
@@ -893,8 +896,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage",
         metavar="URL",
-        help="Optuna RDB URL (e.g. postgresql://...) shared by machines; "
-        "default: a journal file in the study folder",
+        help="Optuna RDB URL shared by machines, e.g. postgresql+psycopg://user:pw@host/optuna (driver: "
+        "pip install -e '.[scale]'); default: a journal file in the study folder",
     )
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where study folders live")
     p.add_argument("--fresh", action="store_true", help="delete the study folder and start over")

@@ -8,6 +8,8 @@ tests hold it to the reference in float64 and float32, values and gradients).
 
 It is compiled with the machine's C++ compiler on first use (about 25 s, then cached by
 ``torch.utils.cpp_extension`` under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+Each checkout gets its own build folder (the name carries a hash of the source's path): ninja rebuilds
+whenever its build file names another source path, so checkouts sharing one folder would rebuild in turn.
 Where it cannot be built, or with ``CAPSBENCH_CPU_KERNEL=0``, the fast path runs ``models.em_fast``'s
 PyTorch implementation instead (slower, same results); CUDA always does.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import warnings
@@ -39,7 +42,7 @@ def _build():
     level, quiet.level = quiet.level, logging.ERROR  # "no CUDA runtime found": irrelevant for a CPU kernel
     try:
         return cpp_extension.load(
-            name="capsbench_em_routing_cpu",
+            name=f"capsbench_em_routing_cpu_{hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:8]}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
