@@ -117,11 +117,14 @@ def _schema_lock(url: str):
 def rdb_storage(
     url: str,
     *,
-    heartbeat_interval: int,
-    grace_period: int,
-    on_stale: Callable[[optuna.Study, FrozenTrial], None],
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
 ) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage with a heartbeat; ``on_stale(study, trial)`` runs once for each trial it fails."""
+    """Optuna's RDB storage; with a heartbeat, ``on_stale(study, trial)`` runs once for each trial it fails.
+
+    Workers pass all three; a reader (``--status``, tests) may pass none.
+    """
     with warnings.catch_warnings(), _schema_lock(url):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
         return optuna.storages.RDBStorage(

@@ -9,6 +9,7 @@ whole study, the "helper" only `--set stages=data,tune`.
 """
 
 import collections
+import functools
 import os
 import signal
 import subprocess
@@ -134,8 +135,14 @@ def finish(proc: subprocess.Popen, folder: Path, timeout: float = 150) -> str:
     return (folder / "output.log").read_text()
 
 
+@functools.cache
+def reader(url: str) -> optuna.storages.RDBStorage:
+    """One storage (one connection pool) per database for the test's reads, created under the same lock."""
+    return study_storage.rdb_storage(url)
+
+
 def trials(name: str, url: str) -> list:
-    return optuna.load_study(study_name=f"{name}.cnn_small", storage=url).get_trials(deepcopy=False)
+    return optuna.load_study(study_name=f"{name}.cnn_small", storage=reader(url)).get_trials(deepcopy=False)
 
 
 def study_runs(name: str) -> dict[str, list]:
