@@ -2,8 +2,9 @@
 
 - ``check_storage(url)``: the URL's database driver is installed and the database answers; else a one-line
   StorageError naming the fix (``pip install -e '.[scale]'``), raised before a study creates anything.
-- ``rdb_storage(url, ...)``: Optuna's RDBStorage with its heartbeat on; on PostgreSQL it is created under an
-  advisory lock, so machines that start together on a fresh database do not race creating Optuna's tables.
+- ``rdb_storage(url, ...)``: Optuna's RDBStorage (workers turn its heartbeat on); on PostgreSQL it is
+  created under an advisory lock, so machines that start together on a fresh database do not race creating
+  Optuna's tables.
 - ``worker_host()`` / ``worker_id()``: who runs a trial (``host:pid``, stored as the trial's ``worker``
   attr); ``$CAPSBENCH_WORKER_HOST`` overrides the host (tests pose as another machine with it).
 - ``dead_trials(ostudy)``: RUNNING trials whose worker is gone: on this host its pid no longer exists; on
@@ -24,7 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 MAX_RETRIES = 2  # a dead worker's trial is retried at most this often (its parameters may be what kills it)
-SETUP_HINT = "install the drivers with `pip install -e '.[scale]'` (or `make setup-scale`)"
+SETUP_HINT = "install it with `pip install -e '.[scale]'` (or `make setup-scale`)"
 
 
 class StorageError(RuntimeError):
@@ -88,8 +89,9 @@ def _check_driver(url: str, where: str) -> None:
             "use e.g. postgresql+psycopg://user:pw@host/db"
         ) from None
     except ImportError as e:
+        fix = SETUP_HINT if parsed.get_backend_name() == "postgresql" else "install that driver"
         raise StorageError(
-            f"{where} {redact(url)} needs a database driver that is missing ({e}); {SETUP_HINT}"
+            f"{where} {redact(url)} needs a database driver that is missing ({e}); {fix}"
         ) from None
 
 

@@ -173,11 +173,16 @@ def test_a_worker_whose_share_is_done_waits_for_the_trial_another_machine_holds(
     trial = foreign_trial(tmp, cfg, url)
     stop = threading.Event()
 
-    def other_machine():  # keeps its heartbeat, finishes its trial after a few seconds
-        for _ in range(12):
+    def other_machine():  # keeps its heartbeat; finishes its trial a while after this machine ran the rest
+        complete, deadline = [], time.time() + 120
+        while len(complete) < 2 and time.time() < deadline:
             if stop.wait(0.5):
                 return
             trial.storage.record_heartbeat(trial._trial_id)
+            complete = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        for _ in range(6):  # this machine now waits (and would have stopped before: "only 2 of 3 trials")
+            trial.storage.record_heartbeat(trial._trial_id)
+            time.sleep(0.5)
         trial.study.tell(trial, 0.5)
 
     status_root = tmp / "elsewhere"
