@@ -46,11 +46,8 @@ study: setup  ## run a whole study: make study NAME=smallnorb_azimuth ARGS="--wo
 report: setup  ## regenerate a study's report: make report NAME=demo
 	$(PY) -m harness.report $(NAME) $(ARGS)
 
-demo: setup  ## offline end-to-end demo: small synthnorb, the demo study, its report
+demo: setup  ## offline end-to-end demo: small synthnorb, the demo study, its report (it prints both links)
 	$(PY) -m harness.study demo $(ARGS)
-	@echo
-	@echo "report:  $${CAPSBENCH_REPORTS:-$(CURDIR)/reports}/demo/report.html  (and report.md beside it)"
-	@echo "runs:    make ui   # then open http://127.0.0.1:5000 (experiment 'demo')"
 
 ui: setup  ## browse runs: mlflow ui on the project's store
 	$(PY) -m harness.tracking ui

@@ -350,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fgsm --bim --targeted --run-id 0123abcd --n-examples 200",
     )
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--run-id", help="MLflow run of the trained model to attack")
+    target.add_argument(
+        "--run-id", help="MLflow run of the trained model to attack (or a unique prefix of its id)"
+    )
     target.add_argument("--study", help="attack every final model of this study (capsbench.role=final)")
     p.add_argument("--fgsm", action="store_true", help="FGSM (one step of size eps)")
     p.add_argument("--bim", action="store_true", help="BIM / iterative FGSM (--steps steps of 2.5*eps/steps)")
@@ -421,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.quiet,
     )
     try:
-        runs = [(args.run_id, "")] if args.run_id else study_final_runs(args.study)
+        runs = [(tracking.resolve_run_id(args.run_id), "")] if args.run_id else study_final_runs(args.study)
         reports = []
         for run_id, _ in runs:
             out = Path(args.out) / run_id if args.out and len(runs) > 1 else args.out

@@ -326,6 +326,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["learn"]:  # the learning benchmark: python -m harness.bench learn --help
+        from harness import learnbench
+
+        sys.exit(learnbench.main(argv[1:]))
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(run_spec(BenchSpec(**json.loads(args.worker)))))
@@ -355,7 +360,7 @@ def main(argv=None) -> list[dict]:
     )
     if args.json:
         meta = dict(
-            command=" ".join(["python -m harness.bench", *(argv if argv is not None else sys.argv[1:])]),
+            command=" ".join(["python -m harness.bench", *argv]),
             torch=torch.__version__,
             machine=platform.processor() or platform.machine(),
             cpus=os.cpu_count(),

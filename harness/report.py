@@ -6,9 +6,12 @@
 Reads the study's runs (parent run, Optuna trial runs, final runs with their attack metrics; see
 docs/contracts.md "Tracking" and "Study records") through harness/tracking.py, and writes
 ``reports/NAME/report.md``, a self-contained ``reports/NAME/report.html`` (figures embedded as data
-URIs) and the PNGs, then logs them to the study's parent run under ``report/``. A study with a
-missing stage still gets a report that shows what exists and names what is missing. The study
-calls ``write_report(name)`` as its last stage. Set ``MLFLOW_TRACKING_URI`` to read another store.
+URIs) and the PNGs, then logs them to the study's parent run under ``report/``, with the summary as
+parent-run metrics (``caps/test_error``, ``cnn/novel_error_matched``, ``caps/fgsm_acc_eps_0.1``, ...) and
+the answer in one sentence as the run's description. The page leads with that sentence, then the error
+table and the accuracy-under-attack table (mean ± 95% interval when the study has several seeds). A
+study with a missing stage still gets a report that shows what exists and names what is missing. The
+study calls ``write_report(name)`` as its last stage. Set ``MLFLOW_TRACKING_URI`` to read another store.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import pandas as pd
 
 from harness import report_figures as figs
 from harness import tracking
+from harness.intervals import estimate
 from harness.report_records import STAGES, ReportError, StudyRecords, collect, parse_attack_metrics  # noqa: F401
+from harness.report_summary import as_number, headline, parent_note, side_by_side, summary_metrics
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ATTACKS = ["fgsm", "bim", "pgd"]
@@ -42,7 +47,8 @@ EPS_UNITS = (
     "(after the dataset's fixed preprocessing, before the model's own normalisation)"
 )
 
-# DESIGN.md §1: the paper's headline numbers (errors as fractions; FGSM read off the paper's Fig. 3)
+# The paper's headline numbers (Hinton, Sabour & Frosst 2018: smallNORB test error and parameter counts from
+# its Table 1, matched novel-viewpoint errors from §5.1, FGSM accuracy read off its Fig. 3); fractions.
 PAPER = {
     "cnn": {
         "label": "paper: CNN baseline",
@@ -72,9 +78,17 @@ TABLE_NOTE = (
     "novel views together when the study has a view split); familiar and novel errors: at the matched "
     "epochs; train samples/s: the median over epochs."
 )
+SEEDS_NOTE = (
+    "Each cell is the mean ± the half-width of the 95% Student-t interval over the `seeds` training seeds "
+    "(one final run per model and seed; the matched protocol pairs the models trained with the same seed)."
+)
 PAPER_NOTE = (
-    "Rows starting `paper:` are the paper's numbers (DESIGN.md §1; FGSM read off its Fig. 3), for reference: "
-    "the paper trained on all of smallNORB's training images with its own budget."
+    "Rows starting `paper:` are the paper's numbers (its Table 1, §5.1 and, for FGSM, read off its Fig. 3), "
+    "for reference: the paper trained on all of smallNORB's training images with its own budget."
+)
+ATTACK_NOTE = (
+    "Accuracy in % (higher is better; the table above shows errors). `clean`: no perturbation, on the "
+    "attacked images. Attack cells: untargeted accuracy under attack, worst case over the attack losses"
 )
 
 
@@ -89,53 +103,80 @@ def attack_eps(records: StudyRecords, attack: str, kind: str = "acc") -> list[fl
     return sorted({e for e in a.loc[(a["attack"] == attack) & (a["kind"] == kind), "eps"] if e > 0})
 
 
-def summary_table(records: StudyRecords) -> pd.DataFrame:
-    """One row per model (fractions, not percent); reference rows from the paper where it applies."""
+def run_row(records: StudyRecords, m) -> dict:
+    """The summary columns of one final run (fractions, not percent)."""
     view = records.data_param("data.view")
-    matched = (records.matched or {}).get("models", {})
-    pmetrics = (records.parent or {}).get("metrics", {})
-    rows = []
+    h = m.history
+    rate = h["samples_per_s"].dropna() if "samples_per_s" in h else pd.Series(dtype=float)
+    row = {
+        "model": m.model,
+        "family": m.family,
+        "params": as_number(m.metrics.get("n_params", m.params.get("n_params"))),
+        "test error": m.metrics.get("final_test_error", _last(h, "test_error")),
+    }
+    if view and view != "none":
+        mm = records.matched_for(m)
+        primary = any(r is m for r in records.models)  # the parent metrics are of the first seed
+        pmetrics = (records.parent or {}).get("metrics", {}) if primary else {}
+        row["matched epoch"] = mm.get("matched_epoch", pmetrics.get(f"viewpoint/{m.model}/matched_epoch"))
+        row["familiar error (matched)"] = mm.get(
+            "matched_familiar_error", pmetrics.get(f"viewpoint/{m.model}/matched_familiar_error")
+        )
+        row["novel error (matched)"] = mm.get(
+            "matched_novel_error", pmetrics.get(f"viewpoint/{m.model}/matched_novel_error")
+        )
+    if not records.attacks.empty:
+        zero = m.attacks[(m.attacks["kind"] == "acc") & (m.attacks["eps"] == 0)]["value"]
+        row["clean accuracy"] = m.metrics.get(
+            "attack/clean_accuracy", float(zero.iloc[0]) if len(zero) else None
+        )
+    for attack in SUMMARY_ATTACKS:
+        for kind, title in (("acc", "accuracy"), ("targeted_success", "targeted success")):
+            for eps in attack_eps(records, attack, kind):
+                sel = m.attacks[
+                    (m.attacks["attack"] == attack)
+                    & (m.attacks["loss"] == "worst")
+                    & (m.attacks["kind"] == kind)
+                    & np.isclose(m.attacks["eps"], eps)
+                ]
+                row[f"{attack.upper()} {title} ε={eps:g}"] = float(sel["value"].iloc[0]) if len(sel) else None
+    row["train time"] = m.metrics.get("train_seconds")
+    row["train samples/s"] = float(rate.median()) if len(rate) else None
+    return row
+
+
+def summary_table(records: StudyRecords) -> pd.DataFrame:
+    """One row per model (fractions, not percent); reference rows from the paper where it applies.
+
+    With several training seeds each cell is the mean over the model's seeds; ``table.attrs["ci95"]``
+    holds the 95% t-interval half-widths (same rows and columns, NaN where there is one seed) and a
+    ``seeds`` column the number of seeds.
+    """
+    view = records.data_param("data.view")
+    rows, halves = [], []
+    several = records.n_seeds > 1
     for m in records.models:
-        h = m.history
-        rate = h["samples_per_s"].dropna() if "samples_per_s" in h else pd.Series(dtype=float)
-        row = {
-            "model": m.model,
-            "family": m.family,
-            "params": _num(m.metrics.get("n_params", m.params.get("n_params"))),
-            "test error": m.metrics.get("final_test_error", _last(h, "test_error")),
-        }
-        if view and view != "none":
-            mm = matched.get(m.model, {})
-            row["matched epoch"] = mm.get("matched_epoch", pmetrics.get(f"viewpoint/{m.model}/matched_epoch"))
-            row["familiar error (matched)"] = mm.get(
-                "matched_familiar_error", pmetrics.get(f"viewpoint/{m.model}/matched_familiar_error")
-            )
-            row["novel error (matched)"] = mm.get(
-                "matched_novel_error", pmetrics.get(f"viewpoint/{m.model}/matched_novel_error")
-            )
-        for attack in SUMMARY_ATTACKS:
-            for kind, title in (("acc", "error"), ("targeted_success", "targeted success")):
-                for eps in attack_eps(records, attack, kind):
-                    sel = m.attacks[
-                        (m.attacks["attack"] == attack)
-                        & (m.attacks["loss"] == "worst")
-                        & (m.attacks["kind"] == kind)
-                        & np.isclose(m.attacks["eps"], eps)
-                    ]
-                    value = float(sel["value"].iloc[0]) if len(sel) else None
-                    if value is not None and kind == "acc":
-                        value = 1.0 - value
-                    row[f"{attack.upper()} {title} ε={eps:g}"] = value
-        row["train time"] = m.metrics.get("train_seconds")
-        row["train samples/s"] = float(rate.median()) if len(rate) else None
+        per_seed = pd.DataFrame([run_row(records, r) for r in records.replicates.get(m.model, [m])])
+        row, half = {"model": m.model, "family": m.family}, {}
+        for col in per_seed.columns[2:]:
+            values = pd.to_numeric(per_seed[col], errors="coerce")
+            est = estimate(values)
+            row[col], half[col] = (est.mean if est.n else None), est.half
+        if several:
+            row = {"model": row["model"], "family": row["family"], "seeds": len(per_seed), **row}
         rows.append(row)
+        halves.append(half)
     if rows and records.data_param("data.name").lower() == "smallnorb":
-        rows += paper_rows(list(rows[0]), view)
-    return pd.DataFrame(rows)
+        paper = paper_rows(list(rows[0]), view)
+        rows += paper
+        halves += [{} for _ in paper]
+    table = pd.DataFrame(rows)
+    table.attrs["ci95"] = pd.DataFrame(halves, columns=table.columns, index=table.index, dtype=float)
+    return table
 
 
 def paper_rows(columns: list[str], view: str) -> list[dict]:
-    """The paper's numbers for the columns this table has (DESIGN.md §1)."""
+    """The paper's numbers for the columns this table has (see ``PAPER``)."""
     rows = []
     full_data = not view or view == "none"
     for key in ("capsule", "capsule_small", "cnn") if full_data else ("capsule", "cnn"):
@@ -147,22 +188,27 @@ def paper_rows(columns: list[str], view: str) -> list[dict]:
         elif view in ("azimuth", "elevation") and "novel error (matched)" in columns:
             row["familiar error (matched)"], row["novel error (matched)"] = ref[view]
         for eps, acc in ref.get("fgsm_acc", {}).items():
-            if f"FGSM error ε={eps:g}" in columns:
-                row[f"FGSM error ε={eps:g}"] = 1.0 - acc
+            if f"FGSM accuracy ε={eps:g}" in columns:
+                row[f"FGSM accuracy ε={eps:g}"] = acc
         rows.append(row)
     return rows
 
 
+ATTACK_COLUMN = re.compile(r"^(clean accuracy|[A-Z]+ (accuracy|targeted success) ε=.*)$")
+
+
 def split_summary(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Display tables: (clean columns, attack columns with "error / targeted success" per ε) as strings."""
+    """Display tables: (error columns, accuracy columns with "accuracy / targeted success" per ε) as text."""
     shown = format_table(table)
-    attack_cols = [c for c in table.columns if re.match(r"^[A-Z]+ (error|targeted success) ε=", c)]
+    attack_cols = [c for c in table.columns if ATTACK_COLUMN.match(c)]
     clean = shown[[c for c in table.columns if c not in attack_cols]]
-    if not attack_cols:
+    if not [c for c in attack_cols if c != "clean accuracy"]:
         return clean, None
     attacked = shown[["model"]].copy()
-    for col in [c for c in attack_cols if " error ε=" in c]:
-        attack, eps = col.split(" error ε=")
+    if "clean accuracy" in shown:
+        attacked["clean"] = shown["clean accuracy"]
+    for col in [c for c in attack_cols if " accuracy ε=" in c]:
+        attack, eps = col.split(" accuracy ε=")
         target = f"{attack} targeted success ε={eps}"
         cell = shown[col] + (" / " + shown[target] if target in shown else "")
         attacked[f"{attack} ε={eps}"] = cell.replace("– / –", "–")
@@ -172,36 +218,36 @@ def split_summary(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | Non
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Strings for display: errors and rates as percentages, counts with K/M, times in seconds."""
+    """Strings for display: errors and rates as percentages (± the 95% half-width with several seeds),
+    counts with K/M, times in seconds."""
     out = table.copy().astype(object)
+    halves = table.attrs.get("ci95")
     for col in table.columns:
         for i, v in table[col].items():
-            out.at[i, col] = _fmt_cell(col, v)
+            half = halves.at[i, col] if halves is not None and col in halves else math.nan
+            out.at[i, col] = _fmt_cell(col, v, half)
     return out
 
 
-def _fmt_cell(col: str, v) -> str:
+def _fmt_cell(col: str, v, half: float = math.nan) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if col in ("model", "family"):
         return str(v)
+    if col == "seeds":
+        return f"{int(v)}"
     if col == "params":
         v = float(v)
         return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}K" if v >= 1e3 else f"{v:.0f}"
-    if col == "matched epoch":
-        return f"{int(v)}"
+    if col == "matched epoch":  # a mean over seeds may fall between epochs
+        return f"{float(v):.0f}" if float(v).is_integer() else f"{float(v):.1f}"
     if col == "train time":
         return _duration(v)
     if col == "train samples/s":
         return f"{float(v):.1f}"
+    if half is not None and math.isfinite(half):
+        return f"{100 * float(v):.1f} ± {100 * half:.1f}%"
     return f"{100 * float(v):.1f}%"
-
-
-def _num(v) -> float | None:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
 
 
 def _last(h: pd.DataFrame, col: str) -> float | None:
@@ -360,9 +406,10 @@ def notes(records: StudyRecords) -> list[str]:
             "Matched protocol: not recorded (stage `viewpoint` missing); familiar/novel columns are empty."
         )
     out.append(
-        f"Attacks: {EPS_UNITS}. Error = 1 − accuracy under attack, worst case over the attack losses "
-        "(cross-entropy on logits and a CW-style margin loss); targeted success is averaged over all "
-        "target classes ≠ the true class."
+        f"Attacks: {EPS_UNITS}. Accuracy under attack = correct on the clean and the attacked image, "
+        "worst case over the attack losses (cross-entropy on logits and a CW-style margin loss); ε = 0 is "
+        "the clean accuracy on the same images; targeted success is averaged over all target classes ≠ the "
+        "true class."
     )
     flags = {m.model: m.tags.get("attack.masking_flags", None) for m in records.models}
     flagged = {k: v for k, v in flags.items() if v}
@@ -460,16 +507,20 @@ def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, 
     plan = [
         (
             "training_curves.png",
-            "Training curves: familiar (solid) and novel (dashed) test error per epoch."
-            if has_view
-            else "Training curves: test (solid) and validation (dotted) error per epoch.",
+            (
+                "Training curves: familiar (solid) and novel (dashed) test error per epoch"
+                if has_view
+                else "Training curves: test (solid) and validation (dotted) error per epoch"
+            )
+            + (f", seed {records.models[0].seed} (the first seed)." if records.n_seeds > 1 else "."),
             lambda: figs.training_curves(
                 {m.model: m.history for m in records.models}, fams, matched_epochs(records)
             ),
         ),
         (
             "accuracy_vs_eps.png",
-            "Accuracy under attack vs ε, capsules vs CNN (solid = worst case over losses).",
+            "Accuracy under attack vs ε, capsules vs CNN, from the clean accuracy at ε = 0 "
+            "(solid = worst case over losses)" + (", mean over seeds." if records.n_seeds > 1 else "."),
             lambda: figs.attack_curves(records.attacks, fams, kind="acc"),
         ),
         (
@@ -479,7 +530,8 @@ def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, 
         ),
         (
             "viewpoint_heatmaps.png",
-            "Test error per (azimuth, elevation) cell, per model.",
+            "Test error per (azimuth, elevation) cell, per model"
+            + (", first seed." if records.n_seeds > 1 else "."),
             lambda: figs.viewpoint_heatmaps(heatmap_grids(records)),
         ),
         (
@@ -514,34 +566,36 @@ def make_figures(records: StudyRecords, out_dir: Path) -> tuple[list[tuple[str, 
 
 
 def build_blocks(records: StudyRecords, figures: list[tuple[str, str]], skipped: list[str]) -> list[tuple]:
-    blocks: list[tuple] = [("h1", f"capsbench report: {records.name}")]
-    parent = records.parent
-    blocks.append(
-        (
-            "p",
-            f"Study `{records.name}`, MLflow store `{tracking.tracking_uri()}`"
-            + (f", parent run `{parent['run_id']}`." if parent else "."),
-        )
-    )
-    description = (parent or {}).get("params", {}).get("description")
-    if description:
-        blocks.append(("p", description))
-    if records.missing:
-        blocks += [("h2", "Missing"), ("ul", records.missing)]
-    blocks.append(("h2", "Summary"))
+    """The page: the answer in one sentence, the tables, what is missing, notes, figures, provenance."""
+    blocks: list[tuple] = [("h1", f"capsbench report: {records.name}"), ("p", f"**{headline(records)}**")]
     table = summary_table(records)
+    blocks.append(("h2", "Summary: errors"))
     if table.empty:
         blocks.append(("p", "No final runs yet, so no summary rows."))
     else:
         clean, attacked = split_summary(table)
         blocks.append(("table", clean))
-        if attacked is not None:
-            blocks += [("h2", "Under attack"), ("table", attacked)]
-            targeted = any(" targeted success " in c for c in table.columns)
-            what = "error / targeted success, both" if targeted else "error (no targeted attacks recorded),"
-            blocks.append(("p", f"Each cell: {what} worst case over the attack losses."))
         has_paper = table["model"].str.startswith("paper:").any()
-        blocks.append(("p", TABLE_NOTE + (" " + PAPER_NOTE if has_paper else "")))
+        several = "seeds" in table.columns
+        blocks.append(
+            (
+                "p",
+                " ".join(
+                    [TABLE_NOTE, *([SEEDS_NOTE] if several else []), *([PAPER_NOTE] if has_paper else [])]
+                ),
+            )
+        )
+        if attacked is not None:
+            blocks += [("h2", "Under attack: accuracy"), ("table", attacked)]
+            targeted = any(" targeted success " in c for c in table.columns)
+            what = (
+                ", then / the targeted success rate (lower is better)"
+                if targeted
+                else " (no targeted attacks recorded)"
+            )
+            blocks.append(("p", f"{ATTACK_NOTE}{what}."))
+    if records.missing:
+        blocks += [("h2", "Missing"), ("ul", records.missing)]
     blocks += [("h2", "Notes"), ("ul", notes(records))]
     blocks.append(("h2", "Figures"))
     for filename, caption in figures:
@@ -554,18 +608,29 @@ def build_blocks(records: StudyRecords, figures: list[tuple[str, str]], skipped:
     return blocks
 
 
+# ---------------------------------------------------------------------------------------------
+# provenance
+# ---------------------------------------------------------------------------------------------
+
+
 def provenance(records: StudyRecords) -> list[str]:
-    """Where each number came from: runs, code version, device; and how to rerun."""
+    """Where each number came from: store, runs, code version, device; how to rerun and browse."""
+    parent = records.parent
     out = [
+        f"Study `{records.name}`, MLflow store `{tracking.tracking_uri()}`"
+        + (f", parent run `{parent['run_id']}`." if parent else "."),
         f"Rerun: `make study NAME={records.name}` (skips finished stages); "
-        f"regenerate this page: `python -m harness.report {records.name}`; browse the runs: `make ui`."
+        f"regenerate this page: `python -m harness.report {records.name}`.",
     ]
-    for m in records.models:
+    if parent and parent.get("experiment_id"):
+        out.append(f"Browse the runs: `make ui`, then open {tracking.ui_url(parent['experiment_id'])}")
+    for m in (r for runs in records.replicates.values() for r in runs):
         commit = m.tags.get("git.commit", "unknown")[:10]
         dirty = " (uncommitted changes)" if m.tags.get("git.dirty") == "true" else ""
         versions = _json_field(m.tags.get("versions"), "torch")
+        seed = f" seed {m.seed}" if m.seed and records.n_seeds > 1 else ""
         out.append(
-            f"`{m.model}`: run `{m.run_id}` ({m.status.lower()}), commit `{commit}`{dirty}, "
+            f"`{m.model}`{seed}: run `{m.run_id}` ({m.status.lower()}), commit `{commit}`{dirty}, "
             f"device {m.tags.get('device', 'unknown')}" + (f", torch {versions}" if versions else "")
         )
     return out
@@ -659,20 +724,29 @@ def _inline(text: str) -> str:
 
 
 def write_report(name: str, *, out_dir: str | Path | None = None, log: bool = True) -> Path:
-    """Write ``reports/NAME/report.{md,html}`` + PNGs, log them to the parent run; returns the HTML path."""
+    """Write ``reports/NAME/report.{md,html}`` + PNGs; with ``log``, also log them to the parent run with the
+    summary metrics, the description and the experiment's runs view. Returns the HTML path."""
     records = collect(name)
     out = Path(out_dir) if out_dir else reports_root() / name
     out.mkdir(parents=True, exist_ok=True)
+    log = log and records.parent is not None
+    if log:  # first, so that the page's link to the runs names the view
+        table = summary_table(records)
+        summary = summary_metrics(table) if not table.empty else {}
+        tracking.share_runs_view(records.parent["experiment_id"], side_by_side(summary))
     figures, skipped = make_figures(records, out)
     blocks = build_blocks(records, figures, skipped)
     (out / "report.md").write_text(render_markdown(blocks))
     path = out / "report.html"
     path.write_text(render_html(blocks, out))
-    if log and records.parent is not None:
+    if log:
         with tempfile.TemporaryDirectory(prefix="capsbench-report-") as tmp:
             for file in ["report.md", "report.html", *(f for f, _ in figures)]:
                 shutil.copy2(out / file, tmp)  # only what this report wrote, not the rest of out_dir
             tracking.log_artifacts(records.parent["run_id"], tmp, "report")
+        parent = tracking.TrackedRun(records.parent["run_id"], system_metrics=False)
+        parent.log_metrics(summary)
+        parent.set_tags({"mlflow.note.content": parent_note(records, path)})
     return path
 
 

@@ -1,9 +1,10 @@
 """The records of a study, as the comparison report reads them from MLflow (through harness/tracking.py).
 
 ``collect(name) -> StudyRecords``: the study's parent run, its final runs (per-epoch histories and the
-attack metrics logged into them), the Optuna trials, the matched novel-viewpoint protocol and the
-per-(azimuth, elevation) cells; see docs/contracts.md "Tracking" and "Study records". Whatever a stage
-has not recorded yet is noted in ``StudyRecords.missing`` instead of failing.
+attack metrics logged into them; with several training seeds, one run per model and seed), the Optuna
+trials, the matched novel-viewpoint protocol (per seed too) and the per-(azimuth, elevation) cells; see
+docs/contracts.md "Tracking" and "Study records". Whatever a stage has not recorded yet is noted in
+``StudyRecords.missing`` instead of failing.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class ModelRecord:
     metrics: dict[str, float]
     tags: dict[str, str]
     history: pd.DataFrame  # index epoch, one column per metric
-    attacks: pd.DataFrame  # long: model, attack, loss, kind, eps, value
+    attacks: pd.DataFrame  # long: model, attack, loss, kind, eps, value (eps 0 = clean accuracy)
+    seed: str = ""  # the capsbench.seed tag ("" for runs from before seeds were recorded)
 
 
 @dataclass
@@ -57,11 +59,32 @@ class StudyRecords:
     study_toml: str | None
     missing: list[str] = field(default_factory=list)  # plain-words notes of what is not there
     families: dict[str, str] = field(default_factory=dict)  # model -> capsule | cnn, from every run's tags
+    replicates: dict[str, list[ModelRecord]] = field(default_factory=dict)  # model -> its run per seed
+    seeds: dict | None = None  # viewpoint/seeds.json: the matched protocol per seed and over seeds
+
+    @property
+    def n_seeds(self) -> int:
+        return max((len(r) for r in self.replicates.values()), default=1)
 
     @property
     def attacks(self) -> pd.DataFrame:
-        frames = [m.attacks for m in self.models if not m.attacks.empty]
-        return pd.concat(frames, ignore_index=True) if frames else _empty_attacks()
+        """Every model's attack results, averaged over its seeds."""
+        frames = [r.attacks for runs in self.replicates.values() for r in runs if not r.attacks.empty]
+        if not frames:
+            return _empty_attacks()
+        table = pd.concat(frames, ignore_index=True)
+        return table.groupby(["model", "attack", "loss", "kind", "eps"], as_index=False, sort=False)[
+            "value"
+        ].mean()
+
+    def matched_for(self, record: ModelRecord) -> dict:
+        """The matched-protocol entry of one final run: its seed's match, else the study's matched.json."""
+        per_seed = (self.seeds or {}).get("matches", {}).get(record.seed)
+        if per_seed is not None:
+            return per_seed.get("models", {}).get(record.model, {})
+        if any(m is record for m in self.models):
+            return (self.matched or {}).get("models", {}).get(record.model, {})
+        return {}
 
     def data_param(self, key: str) -> str:
         """A run param shared by the final runs (e.g. data.name), else the parent's, else ""."""
@@ -113,7 +136,8 @@ def parse_attack_metrics(model: str, metrics: dict[str, float]) -> pd.DataFrame:
     """``attack/{attack}/{loss}/{acc|targeted_success}_eps_{eps}`` metrics -> a long table.
 
     When the runs hold no ``worst`` entry for an (attack, kind), it is derived: the lowest
-    accuracy / highest targeted success over the losses present.
+    accuracy / highest targeted success over the losses present. Accuracy curves start at the clean
+    point: an (attack, loss) without an ε = 0 entry gets ``attack/clean_accuracy`` there.
     """
     rows = []
     for key, value in metrics.items():
@@ -142,6 +166,16 @@ def parse_attack_metrics(model: str, metrics: dict[str, float]) -> pd.DataFrame:
         ]
     if derived:
         table = pd.concat([table, pd.DataFrame(derived)], ignore_index=True)
+    clean = metrics.get("attack/clean_accuracy")
+    if clean is not None:
+        acc = table[table["kind"] == "acc"]
+        has_zero = set(map(tuple, acc.loc[acc["eps"] == 0, ["attack", "loss"]].to_numpy()))
+        pairs = set(map(tuple, acc[["attack", "loss"]].to_numpy())) - has_zero
+        rows = [
+            dict(model=model, attack=a, loss=lo, kind="acc", eps=0.0, value=float(clean)) for a, lo in pairs
+        ]
+        if rows:
+            table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
     return table.sort_values(["attack", "loss", "kind", "eps"], ignore_index=True)
 
 
@@ -177,17 +211,17 @@ def collect(name: str) -> StudyRecords:
         for k, v in (parent or {}).get("tags", {}).items()
         if k.startswith("capsbench.final.")
     }
-    models: list[ModelRecord] = []
-    seen: set[str] = set()
+    picked: dict[tuple[str, str], dict] = {}  # (model, seed) -> its newest run, or the parent's chosen one
     for _, row in finals.iterrows():
         run = _run_dict(row)
         model = run["tags"].get("capsbench.model") or run["params"].get("model.name", "?")
-        if model in seen or (model in chosen and chosen[model] != run["run_id"]):
-            continue
-        seen.add(model)
+        key = (model, run["tags"].get("capsbench.seed", ""))
+        if key not in picked or chosen.get(model) == run["run_id"]:
+            picked[key] = run
+    replicates: dict[str, list[ModelRecord]] = {}
+    for (model, seed), run in sorted(picked.items(), key=lambda kv: (kv[0][0], _seed_order(kv[0][1]))):
         metrics = dict(run["metrics"])
-        attacks = parse_attack_metrics(model, metrics)
-        models.append(
+        replicates.setdefault(model, []).append(
             ModelRecord(
                 model=model,
                 family=run["tags"].get("capsbench.family", ""),
@@ -197,28 +231,44 @@ def collect(name: str) -> StudyRecords:
                 metrics=metrics,
                 tags=run["tags"],
                 history=tracking.metric_histories(run["run_id"], tracking.EPOCH_METRICS),
-                attacks=attacks,
+                attacks=parse_attack_metrics(model, metrics),
+                seed=seed,
             )
         )
         if run["status"] != "FINISHED":
-            missing.append(f"the final run of `{model}` ended {run['status']}")
+            missing.append(
+                f"the final run of `{model}`{f' (seed {seed})' if seed else ''} ended {run['status']}"
+            )
+    # one run per model for the figures and provenance: the parent's chosen one, else the first seed's
+    models = [
+        next((r for r in runs_ if r.run_id == chosen.get(m)), runs_[0]) for m, runs_ in replicates.items()
+    ]
     models.sort(key=lambda m: (m.family != "capsule", m.model))  # capsules first, then CNNs
+    replicates = {m.model: replicates[m.model] for m in models}
     if not models:
         missing.append("no final training runs (stage `train`): no summary rows")
     elif all(m.attacks.empty for m in models):
         missing.append("no attack metrics on the final runs (stage `attack`)")
 
     trials = _collect_trials(runs, kind, parent)
-    matched = cells = study_toml = None
+    matched = cells = study_toml = seeds = None
     if parent is not None:
         text = tracking.read_artifact_text(parent["run_id"], "viewpoint/matched.json")
         matched = json.loads(text) if text else None
         text = tracking.read_artifact_text(parent["run_id"], "viewpoint/cells.csv")
         cells = pd.read_csv(io.StringIO(text)) if text else None
         study_toml = tracking.read_artifact_text(parent["run_id"], "study.toml")
+        text = tracking.read_artifact_text(parent["run_id"], "viewpoint/seeds.json")
+        seeds = json.loads(text) if text else None
     tagged = runs.dropna(subset=[c for c in ("tags.capsbench.model", "tags.capsbench.family") if c in runs])
     families = dict(zip(tagged.get("tags.capsbench.model", []), tagged.get("tags.capsbench.family", [])))
-    return StudyRecords(name, parent, models, trials, matched, cells, study_toml, missing, families)
+    return StudyRecords(
+        name, parent, models, trials, matched, cells, study_toml, missing, families, replicates, seeds
+    )
+
+
+def _seed_order(seed: str) -> tuple:
+    return (0, int(seed)) if seed.isdigit() else (1, seed)
 
 
 def _collect_trials(runs: pd.DataFrame, kind: pd.Series, parent: dict | None) -> pd.DataFrame:

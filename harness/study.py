@@ -17,11 +17,14 @@ settings. The stages:
   Seeded TPE sampler, median pruning on the per-epoch validation error. Every trial is an MLflow run nested
   under the study's parent run; pruned trials end KILLED, failed ones FAILED.
 - ``train``: each model with its best parameters for the full budget (``run.train.epochs``), keeping a
-  checkpoint per epoch for the matched protocol.
+  checkpoint per epoch for the matched protocol; once per seed when the study lists ``seeds``.
 - ``viewpoint``: the matched novel-viewpoint protocol (harness/viewpoint.py) on the final runs, plus the
   error per (azimuth, elevation) cell of the matched checkpoints.
-- ``attack``: the adversarial suite (harness.attack.attack_run) on the final models.
+- ``attack``: the adversarial suite (harness.attack.attack_run) on the final models (every seed's).
 - ``report``: harness.report.write_report(NAME).
+
+Each stage reports its progress with an estimate of the time left (harness/progress.py: bars on a
+terminal, lines in logs); the study prints the MLflow UI link to its runs when it starts and ends.
 
 Everything is recorded (docs/contracts.md, "Study records"): MLflow holds the parent run, the trial runs
 and the final runs; ``runs/studies/NAME/`` holds the resolved config, the stage markers (state.json) and
@@ -47,6 +50,7 @@ import json
 import math
 import multiprocessing
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -63,6 +67,7 @@ from tqdm.auto import tqdm
 
 from harness import study_storage
 from harness.config import ConfigError, dumps_toml, flatten, load_toml
+from harness.progress import Progress
 from harness.study_config import (
     PROJECT_ROOT,
     StudyConfig,
@@ -72,6 +77,7 @@ from harness.study_config import (
     model_family,
     run_config,
     study_from_dict,
+    study_seeds,
     to_toml_dict,
 )
 
@@ -87,6 +93,7 @@ PARAM_KEYS = {
         "margin_start": "loss.margin_start",
         "margin_end": "loss.margin_end",
         "margin_ramp_epochs": "loss.margin_ramp_epochs",
+        "lr": "optim.lr",
     },
     "cnn": {"lr": "optim.lr", "dropout": "model.args.dropout", "weight_decay": "optim.weight_decay"},
 }
@@ -120,7 +127,14 @@ class Study:
 
     def state(self) -> dict[str, Any]:
         if self.state_file.is_file():
-            return json.loads(self.state_file.read_text())
+            state = json.loads(self.state_file.read_text())
+            first = str(study_seeds(self.cfg)[0])  # a folder from before seeds: its runs are the first seed's
+            state.setdefault("seed_runs", {m: {first: r} for m, r in state.get("final_runs", {}).items()})
+            state.setdefault(
+                "seed_history", {m: {first: h} for m, h in state.get("final_history", {}).items()}
+            )
+            state.setdefault("attacked_runs", [])
+            return state
         return {
             "name": self.cfg.name,
             "experiment": self.cfg.experiment,
@@ -129,7 +143,10 @@ class Study:
             "best_params": {},
             "final_runs": {},
             "final_history": {},
+            "seed_runs": {},
+            "seed_history": {},
             "attacked": [],
+            "attacked_runs": [],
         }
 
     def update_state(self, **changes: Any) -> dict[str, Any]:
@@ -201,6 +218,7 @@ def open_parent_run(study: Study):
     if cfg.description:
         tags["mlflow.note.content"] = cfg.description
     run = tracking.start_run(cfg.experiment, cfg.name, tags=tags, system_metrics=False)
+    tracking.share_runs_view(run.experiment_id)  # the report adds the comparison's columns
     run.log_params(flatten(to_toml_dict(cfg)))
     run.log_text(dumps_toml(to_toml_dict(cfg)), "study.toml")
     study.update_state(parent_run_id=run.run_id)
@@ -312,7 +330,7 @@ def claimed(ostudy: optuna.Study, below: int | None = None) -> int:
     return sum(1 for t in trials if below is None or t.number < below)
 
 
-def finished(ostudy: optuna.Study) -> int:
+def n_finished(ostudy: optuna.Study) -> int:
     return len(ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
@@ -363,6 +381,7 @@ def run_trials(
         trial.set_user_attr("worker", study_storage.worker_id())
         params = suggest(trial, family, cfg)
         run_cfg = trial_run_config(study, model, params)
+        run_cfg.run_name = f"trial {trial.number} · {model}"  # how the MLflow runs table lists it
         tags = {
             "capsbench.kind": "trial",
             "capsbench.role": "tune",
@@ -395,7 +414,7 @@ def run_trials(
         return min(values)
 
     waiting_for: list[int] = []
-    while finished(ostudy) < n_trials:
+    while n_finished(ostudy) < n_trials:
         if claimed(ostudy) >= n_trials and not _queued(ostudy):
             if fail_stale_trials(study, ostudy):
                 continue  # their retries are queued now
@@ -433,8 +452,8 @@ def fail_stale_trials(study: Study, ostudy: optuna.Study) -> list[int]:
 
 
 def close_dead_trial(study: Study, ostudy: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """After a dead worker's trial was failed: its MLflow run FAILED, the parent run of a dead study
-    process KILLED, and its parameters queued for a retry while the budget has room."""
+    """After a dead worker's trial was failed: its MLflow run FAILED, its parent run KILLED when that run's
+    owner is gone too, and its parameters queued for a retry while the budget has room."""
     from harness import tracking
 
     cfg = study.cfg
@@ -442,12 +461,10 @@ def close_dead_trial(study: Study, ostudy: optuna.Study, trial: optuna.trial.Fro
     for run_tags in tracking.end_running_runs(cfg.experiment, tags, "FAILED"):
         parent_id = run_tags.get("mlflow.parentRunId")
         parent_tags = tracking.running_run_tags(parent_id) if parent_id else None
-        runner = (parent_tags or {}).get("capsbench.runner", "")
-        # the runner's process is gone: on this host when its pid is; on another one, its trial's
-        # heartbeat stopped (a live runner that lost a worker process ends its parent run itself)
-        if parent_tags is not None and runner != study_storage.worker_id():
-            if study_storage.process_gone(runner) is not False:
-                tracking.end_run(parent_id, "KILLED")
+        # its owner is gone: on this host when its process is; on another host nothing can be checked, but
+        # a trial it held stopped its heartbeat (a live owner that lost a worker ends its parent run itself)
+        if parent_tags is not None and tracking.owner_alive(parent_tags) is not True:
+            tracking.mark_owner_gone(parent_id, parent_tags)
     retried = claimed(ostudy) < cfg.tune.n_trials and study_storage.enqueue_retry(ostudy, trial)
     worker = trial.user_attrs.get("worker", "an unknown worker")
     study.log(
@@ -460,19 +477,24 @@ def run_workers(study: Study, models: list[str], parent) -> None:
     """Tune ``models`` with ``study.workers`` processes (inline for one), showing one progress bar."""
     n = study.cfg.tune.n_trials
     ostudies = {m: load_optuna(study, m) for m in models}
-    bar = tqdm(total=n * len(models), desc="tune", unit="trial", dynamic_ncols=True)
+
+    def finished() -> dict[str, int]:
+        counts = {m: trial_counts(o) for m, o in ostudies.items()}
+        return {m: c["complete"] + c["pruned"] for m, c in counts.items()}
+
+    bar = Progress(n * len(models), "tune", "trial", done=sum(finished().values()), log=study.log)
 
     def refresh() -> None:
-        counts = {m: trial_counts(o) for m, o in ostudies.items()}
-        bar.n = sum(c["complete"] + c["pruned"] for c in counts.values())
-        running = [
-            f"{m}#{t.number}"
-            for m, o in ostudies.items()
-            for t in o.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        ]
-        done = ", ".join(f"{m} {c['complete'] + c['pruned']}/{n}" for m, c in counts.items())
-        bar.set_postfix_str(f"{done}; running {', '.join(running) or '-'}")
-        bar.refresh()
+        done = finished()
+        note = ", ".join(f"{m} {k}/{n}" for m, k in done.items())
+        if bar.tty:  # which trials run right now: only on the bar (a log line per change would be noise)
+            running = [
+                f"{m}#{t.number}"
+                for m, o in ostudies.items()
+                for t in o.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            ]
+            note += f"; running {', '.join(running) or '-'}"
+        bar.set(sum(done.values()), note)
 
     refresh()
     args = (str(study.folder), models, 0, study.storage_url, study.workers, study.fit, parent.run_id)
@@ -567,7 +589,8 @@ def stage_data(study: Study, parent) -> None:
     if cfg.run.data.name != "synthnorb":
         if cfg.run.data.name == "smallnorb":
             raise StudyError(
-                f"smallNORB is not in {root}: run `python -m harness.data download smallnorb` "
+                f"smallNORB is not in {root}: run "
+                f"`python -m harness.data download smallnorb --root {shlex.quote(str(root))}` "
                 f"(or set CAPSBENCH_DATA), then rerun ({missing})"
             )
         raise StudyError(f"dataset {cfg.run.data.name} is not usable: {missing}")
@@ -604,51 +627,95 @@ def stage_tune(study: Study, parent) -> None:
     parent.log_json(best, "tune/best_params.json")
 
 
-def final_run_config(study: Study, model: str):
+def final_run_config(study: Study, model: str, seed: int | None = None):
     cfg = study.cfg
     run = run_config(cfg, model, study.state()["best_params"].get(model, {}))
     if cfg.run.data.view != "none" and "viewpoint" in cfg.stages:
         run.train.save_every = 1  # the matched protocol reloads the checkpoint of any epoch
-    run.run_name = f"{model}-final"
+    if cfg.seeds:  # else the seed of [run] / [per_model] as it is
+        run.train.seed = cfg.seeds[0] if seed is None else seed
+    run.run_name = f"final · {model}" + (f" · seed {run.train.seed}" if len(cfg.seeds) > 1 else "")
     return run
 
 
+def final_runs(study: Study) -> list[tuple[str, int, str]]:
+    """(model, seed, run id) of every finished final training, in the study's seed and model order."""
+    seed_runs = study.state().get("seed_runs", {})
+    return [
+        (m, s, seed_runs[m][str(s)])
+        for s in study_seeds(study.cfg)
+        for m in study.cfg.models
+        if str(s) in seed_runs.get(m, {})
+    ]
+
+
 def stage_train(study: Study, parent) -> None:
+    """Each model with its best parameters, once per seed (``seeds``; default one), resumable per run."""
     from harness import tracking
 
     cfg = study.cfg
     fit_fn = resolve(study.fit)
-    for model in cfg.models:
-        state = study.state()
-        if model in state["final_runs"]:
-            continue
-        tags = {
-            "capsbench.kind": "train",
-            "capsbench.role": "final",
-            "capsbench.study": cfg.name,
-            "capsbench.model": model,
-            "capsbench.family": model_family(model),
-        }
-        # a final run of this parent that did not get recorded (killed mid-run, or just after it ended)
-        earlier = find_runs(
-            cfg.experiment, {k: tags[k] for k in ("capsbench.study", "capsbench.role", "capsbench.model")}
-        )
-        earlier = [r for r in earlier if r.data.tags.get("mlflow.parentRunId") == parent.run_id]
-        resume = earlier[0].info.run_id if earlier else None
-        if resume:
-            try:
-                tracking.load_resume_state(resume)
-            except tracking.TrackingError:
-                resume = None  # died before its first epoch: start over
-        study.log(f"train: {model}" + (f" (resuming run {resume})" if resume else ""))
-        result = fit_fn(
-            final_run_config(study, model), parent_run_id=parent.run_id, tags=tags, resume_run_id=resume
-        )
-        parent.set_tags({f"capsbench.final.{model}": result.run_id})
-        study.update_state(
-            final_runs={**state["final_runs"], model: result.run_id},
-            final_history={**state["final_history"], model: result.history},
-        )
+    seeds = study_seeds(cfg)
+    done = study.state()["seed_runs"]
+    todo = [(s, m) for s in seeds for m in cfg.models if str(s) not in done.get(m, {})]
+    epochs = {m: final_run_config(study, m).train.epochs for m in cfg.models}
+    total = sum(epochs[m] for s in seeds for m in cfg.models)
+    bar = Progress(total, "train", "epoch", done=total - sum(epochs[m] for _, m in todo), log=study.log)
+    try:
+        for seed, model in todo:
+            state = study.state()
+            run_cfg = final_run_config(study, model, seed)
+            tags = {
+                "capsbench.kind": "train",
+                "capsbench.role": "final",
+                "capsbench.study": cfg.name,
+                "capsbench.model": model,
+                "capsbench.family": model_family(model),
+                "capsbench.seed": str(run_cfg.train.seed),
+            }
+            # a final run of this parent that did not get recorded (killed mid-run, or just after it ended)
+            keys = ("capsbench.study", "capsbench.role", "capsbench.model", "capsbench.seed")
+            earlier = find_runs(cfg.experiment, {k: tags[k] for k in keys})
+            earlier = [r for r in earlier if r.data.tags.get("mlflow.parentRunId") == parent.run_id]
+            resume = earlier[0].info.run_id if earlier else None
+            base = bar.done  # epochs of the runs before this one
+            if resume:
+                try:
+                    bar.skip(int(tracking.load_resume_state(resume).get("epoch", 0)))
+                except tracking.CheckpointFileError as e:
+                    study.log(f"train: not resuming run {resume}: {e}")
+                    resume = None
+                except tracking.TrackingError:
+                    resume = None  # died before its first epoch: start over
+            which = f"{model}" + (f" seed {seed}" if len(seeds) > 1 else "")
+            study.log(f"train: {which}" + (f" (resuming run {resume})" if resume else ""))
+
+            def on_epoch(epoch: int, metrics: dict, base=base, which=which, model=model) -> bool:
+                bar.set(base + epoch, f"{which} epoch {epoch}/{epochs[model]}")
+                return False  # progress only: a final training is never stopped early
+
+            result = fit_fn(
+                run_cfg,
+                parent_run_id=parent.run_id,
+                tags=tags,
+                resume_run_id=resume,
+                epoch_callback=on_epoch,
+            )
+            seed_runs, seed_history = state["seed_runs"], state["seed_history"]
+            changes = {
+                "seed_runs": {**seed_runs, model: {**seed_runs.get(model, {}), str(seed): result.run_id}},
+                "seed_history": {
+                    **seed_history,
+                    model: {**seed_history.get(model, {}), str(seed): result.history},
+                },
+            }
+            if seed == seeds[0]:  # the first seed's run is the model's final run (one run per model)
+                parent.set_tags({f"capsbench.final.{model}": result.run_id})
+                changes["final_runs"] = {**state["final_runs"], model: result.run_id}
+                changes["final_history"] = {**state["final_history"], model: result.history}
+            study.update_state(**changes)
+    finally:
+        bar.close()
 
 
 def stage_viewpoint(study: Study, parent) -> None:
@@ -687,8 +754,10 @@ def stage_viewpoint(study: Study, parent) -> None:
     frames = []
     out = study.folder / "viewpoint"
     out.mkdir(exist_ok=True)
-    for m in tqdm(result.models.values(), desc="viewpoint cells", unit="model", dynamic_ncols=True):
+    bar = Progress(len(result.models), "viewpoint cells", "model", log=study.log)
+    for m in result.models.values():
         cells = vp.checkpoint_cells(m.run_id, m.matched_epoch, test, batch_size=cfg.run.data.eval_batch_size)
+        bar.update(1, m.model)
         cells.insert(0, "family", m.family)
         cells.insert(0, "model", m.model)
         frames.append(cells)
@@ -697,6 +766,7 @@ def stage_viewpoint(study: Study, parent) -> None:
             grid, out / f"heatmap_{m.model}.png", f"{m.model}, matched epoch {m.matched_epoch}"
         )
         parent.log_file(png, "viewpoint")
+    bar.close()
     import pandas as pd
 
     cells = pd.concat(frames, ignore_index=True)
@@ -706,33 +776,77 @@ def stage_viewpoint(study: Study, parent) -> None:
     parent.log_metrics(vp.parent_metrics(result))
     parent.log_text(cells.to_csv(index=False), "viewpoint/cells.csv")
     parent.log_json(result.to_dict(), "viewpoint/matched.json")
+    if len(study_seeds(cfg)) > 1:
+        compare_seed_runs(study, parent, families)
+
+
+def compare_seed_runs(study: Study, parent, families: dict[str, str]) -> None:
+    """The matched protocol once per seed (models paired by seed) and the comparison over seeds."""
+    from harness import viewpoint as vp
+
+    cfg, state = study.cfg, study.state()
+    results = {}
+    for seed in study_seeds(cfg):
+        histories = {m: state["seed_history"].get(m, {}).get(str(seed)) for m in cfg.models}
+        if any(h is None for h in histories.values()):
+            continue  # a seed without every model's final run cannot be paired
+        results[seed] = vp.match_checkpoints(
+            histories,
+            families=families,
+            view=cfg.run.data.view,
+            reference=cfg.viewpoint.reference,
+            run_ids={m: state["seed_runs"][m][str(seed)] for m in cfg.models},
+        )
+    comparison = vp.compare_seeds(results)
+    record = {**comparison.to_dict(), "matches": {str(s): r.to_dict() for s, r in results.items()}}
+    out = study.folder / "viewpoint"
+    out.mkdir(exist_ok=True)
+    (out / "seeds.json").write_text(json.dumps(record, indent=2))
+    parent.log_json(record, "viewpoint/seeds.json")
+    parent.log_metrics(vp.seed_parent_metrics(comparison))
+    novel = ", ".join(f"{m} {e:pct}" for m, e in comparison.novel.items())
+    study.log(f"viewpoint over seeds {comparison.seeds}: matched novel error {novel}; {comparison.verdict()}")
 
 
 def stage_attack(study: Study, parent) -> None:
+    """The attack suite on every final run (every seed), resumable per run."""
     from harness.attack import attack_run
 
     a = study.cfg.attack
-    for model, run_id in study.state()["final_runs"].items():
-        if model in study.state()["attacked"]:
-            continue
-        study.log(f"attack: {model} ({', '.join(a.attacks)} at eps {a.eps}, {a.n_examples} images)")
-        report = attack_run(
-            run_id,
-            attacks=a.attacks,
-            eps=a.eps,
-            losses=a.losses,
-            targeted=a.targeted,
-            steps=a.steps,
-            n_examples=a.n_examples,
-            device=a.device,
-            seed=a.seed,
-            checks=a.checks,
-            check_examples=a.check_examples,
-            check_steps=a.check_steps,
-        )
-        if getattr(report, "flags", None):
-            study.log(f"attack: {model} gradient-masking flags: {report.flags}")
-        study.update_state(attacked=[*study.state()["attacked"], model])
+    runs = final_runs(study)
+    many = len(study_seeds(study.cfg)) > 1
+    todo = [r for r in runs if r[2] not in study.state()["attacked_runs"]]
+    bar = Progress(len(runs), "attack", "run", done=len(runs) - len(todo), log=study.log)
+    try:
+        for model, seed, run_id in todo:
+            which = f"{model}" + (f" seed {seed}" if many else "")
+            study.log(f"attack: {which} ({', '.join(a.attacks)} at eps {a.eps}, {a.n_examples} images)")
+            report = attack_run(
+                run_id,
+                attacks=a.attacks,
+                eps=a.eps,
+                losses=a.losses,
+                targeted=a.targeted,
+                steps=a.steps,
+                n_examples=a.n_examples,
+                device=a.device,
+                seed=a.seed,
+                checks=a.checks,
+                check_examples=a.check_examples,
+                check_steps=a.check_steps,
+                progress=bar.tty,
+            )
+            if getattr(report, "flags", None):
+                study.log(f"attack: {which} gradient-masking flags: {report.flags}")
+            state = study.state()
+            attacked_runs = [*state["attacked_runs"], run_id]
+            done_models = [
+                m for m in study.cfg.models if all(r in attacked_runs for mm, _, r in runs if mm == m)
+            ]
+            study.update_state(attacked_runs=attacked_runs, attacked=done_models)
+            bar.update(1, which)
+    finally:
+        bar.close()
 
 
 def stage_report(study: Study, parent) -> None:
@@ -762,9 +876,12 @@ def run_study(
     fit: str = FIT,
 ) -> Study:
     """Run every stage in ``cfg.stages`` that is not done yet; the parent run ends FINISHED when all are."""
+    from harness import tracking
+
+    check_runs(cfg)  # before the folder records (and locks in) any setting
     study = open_study(cfg, root, storage=storage, workers=workers, fresh=fresh, fit=fit)
     parent = open_parent_run(study)
-    parent.set_tags({"capsbench.runner": study_storage.worker_id()})  # who holds it (dead-parent check)
+    study.log(f"runs: `make ui`, then open {tracking.ui_url(parent.experiment_id)}")
     status = "FAILED"
     try:
         todo = [s for s in cfg.stages if not study.done(s)]
@@ -805,8 +922,55 @@ def run_study(
 
 
 # ---------------------------------------------------------------------------------------------
+# run settings check (what harness.train checks, for every model, before any work)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_runs(cfg: StudyConfig) -> None:
+    """Every model's resolved RunConfig passes harness.train's checks (settings, device), or ConfigError."""
+    from harness.device import DeviceError, resolve_device
+    from harness.train import check_config
+
+    for model in cfg.models:
+        run = run_config(cfg, model)
+        try:
+            check_config(run)
+            resolve_device(run.train.device)
+        except (ConfigError, DeviceError) as e:
+            raise ConfigError(f"run settings of {model}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # status view
 # ---------------------------------------------------------------------------------------------
+
+
+def runner_active(root: Path, name: str) -> bool:
+    """Whether a `python -m harness.study NAME` process holds the study's lock (see single_runner)."""
+    lock = root / f".{name}.lock"
+    if not lock.is_file():
+        return False
+    with open(lock) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def dead_run_lines(study: str) -> list[str]:
+    """Marks the study's MLflow runs left RUNNING by a process that is gone (KILLED) and says which."""
+    from harness import tracking
+
+    try:
+        marked = tracking.mark_dead_study_runs(study)
+    except tracking.TrackingError as e:
+        return [f"  (runs not checked for dead processes: {e})"]
+    if not marked:
+        return []
+    ids = ", ".join(r[:8] for r in marked)
+    return [f"  {len(marked)} run(s) left RUNNING by a process that is gone, now marked KILLED: {ids}"]
 
 
 def status_text(cfg: StudyConfig, root: Path = DEFAULT_ROOT, storage: str | None = None) -> str:
@@ -817,9 +981,10 @@ def status_text(cfg: StudyConfig, root: Path = DEFAULT_ROOT, storage: str | None
     study = Study(cfg, folder, storage, 1)
     state = study.state()
     lines = [f"study {cfg.name}: folder {folder}, parent run {state.get('parent_run_id')}"]
+    running = "running" if runner_active(Path(root), cfg.name) else "interrupted (rerun to resume)"
     for stage in cfg.stages:
         s = state["stages"].get(stage)
-        current = "running (or interrupted)" if stage == state.get("current") else "to do"
+        current = running if stage == state.get("current") else "to do"
         lines.append(f"  {stage:<10} " + (f"done ({s['seconds']}s)" if s else current))
     for model in cfg.models:
         try:
@@ -830,20 +995,38 @@ def status_text(cfg: StudyConfig, root: Path = DEFAULT_ROOT, storage: str | None
         dead = study_storage.dead_trials(ostudy) if ostudy else []
         tuned = "tuned" if model in state["best_params"] else "tuning"
         run = state["final_runs"].get(model, "-")
+        dead_note = (
+            f"{len(dead)} dead (a waiting worker or the next run fails and retries them), " if dead else ""
+        )
         lines.append(
             f"  {model}: {tuned} {c.get('complete', 0)} complete, {c.get('pruned', 0)} pruned, "
-            f"{c.get('running', 0) - len(dead)} running, {len(dead)} dead, {c.get('fail', 0)} failed "
+            f"{c.get('running', 0) - len(dead)} running, {dead_note}{c.get('fail', 0)} failed "
             f"of {cfg.tune.n_trials}; final run {run}"
         )
         for t in dead:
             worker = t.user_attrs.get("worker", "an unknown worker")
             lines.append(
                 f"    dead: trial {t.number} of {worker} (process gone or no heartbeat within "
-                "tune.grace_period); a running study fails it and retries its parameters"
+                "tune.grace_period)"
             )
+    lines += dead_run_lines(cfg.name)
     matched = folder / "viewpoint" / "matched.md"
     if matched.is_file():
         lines += ["", matched.read_text().rstrip()]
+    return "\n".join(lines)
+
+
+def links_text(study: Study) -> str:
+    """Where to look next: the report (when written) and the MLflow UI link to the study's runs."""
+    from harness import tracking
+    from harness.report import reports_root
+
+    lines = []
+    report = reports_root() / study.cfg.name / "report.html"
+    if study.done("report") and report.is_file():
+        lines.append(f"report:  {report}  (and report.md beside it)")
+    exp_id = tracking.experiment_id(study.cfg.experiment)
+    lines.append(f"runs:    make ui, then open {tracking.ui_url(exp_id)}")
     return "\n".join(lines)
 
 
@@ -902,7 +1085,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where study folders live")
     p.add_argument("--fresh", action="store_true", help="delete the study folder and start over")
     p.add_argument("--status", action="store_true", help="print what is done and what is left, then exit")
-    p.add_argument("--check", action="store_true", help="validate the study file and print it resolved")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the study file and every model's run settings (as harness.train does, device "
+        "included), then print it resolved",
+    )
     p.add_argument("--list", action="store_true", help="list the study files and exit")
     return p
 
@@ -925,6 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--workers must be >= 1, got {args.workers}")
         cfg = load_study(args.name, args.overrides)
         if args.check:
+            check_runs(cfg)
             print(dumps_toml(to_toml_dict(cfg)), end="")
             return 0
         # a missing driver or an unreachable database fails here, before anything is created
@@ -941,6 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(status_text(cfg, args.root, args.storage))
         print(f"study {cfg.name} finished in {time.perf_counter() - t0:.0f}s (folder {study.folder})")
+        print(links_text(study))
     except (ConfigError, StudyError, StorageError, DataError, TrackingError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

@@ -6,7 +6,9 @@ every model of the study (``[train]``, ``[data]``, ``[optim]``, ``[loss]``, ``[m
 ``--set train.epochs=3`` are shorthands for ``[run.train]`` ... and ``--set run.train.epochs=3``);
 ``[per_model.<model>]`` adds model-specific run settings on top; ``[tune]``
 holds the Optuna budget and the two search spaces (capsules: λ schedule and margin schedule; CNNs:
-learning rate, dropout, weight decay). Everything is checked by ``load_study`` before any work starts:
+learning rate, dropout, weight decay); ``seeds = [0, 1, 2]`` trains (and attacks) every model once per
+training seed, so the report can show mean ± 95% interval. Everything is checked by ``load_study`` before
+any work starts:
 unknown keys, wrong types, unknown models or datasets, empty ranges, and per-model run settings.
 
     cfg = load_study("demo", ["tune.n_trials=2", "run.train.epochs=1"])
@@ -50,7 +52,8 @@ class SynthnorbConfig:
 
 @dataclass
 class CapsuleSpace:
-    """Search space for capsule models: the inverse-temperature (λ) and margin schedules."""
+    """Search space for capsule models: the inverse-temperature (λ) and margin schedules, and the learning rate
+    (CNNs tune theirs too, so both families search the optimiser's step size with the same budget)."""
 
     # "linear" (λ = 1, 2, 3) saturates the class activations unless cost_norm = "zscore" (the seed article
     # pairs the two): add it together with run.model.args.cost_norm = "zscore"
@@ -61,6 +64,7 @@ class CapsuleSpace:
     margin_start: list[float] = field(default_factory=lambda: [0.1, 0.4])
     margin_end: list[float] = field(default_factory=lambda: [0.6, 0.95])
     margin_ramp_epochs: list[float] = field(default_factory=lambda: [1.0, 10.0])
+    lr: list[float] = field(default_factory=lambda: [1e-3, 1e-2])  # [low, high], log scale
 
 
 @dataclass
@@ -117,6 +121,9 @@ class StudyConfig:
     experiment: str = ""  # MLflow experiment ("" = the study name)
     models: list[str] = field(default_factory=lambda: ["em_capsnet_small", "cnn_small"])
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # which stages to run, in order
+    # training seeds of the final runs: each model is trained (and attacked) once per seed, and the report
+    # shows mean ± 95% interval; [] = one final run per model with run.train.seed
+    seeds: list[int] = field(default_factory=list)
     run: RunConfig = field(default_factory=RunConfig)  # shared by every model
     per_model: dict[str, Any] = field(default_factory=dict)  # {model: partial RunConfig}
     synthnorb: SynthnorbConfig = field(default_factory=SynthnorbConfig)
@@ -234,7 +241,12 @@ def fingerprint(cfg: StudyConfig) -> dict[str, Any]:
     d = to_dict(cfg)
     for key in LIVENESS_KEYS:  # how dead workers are detected changes no result
         d["tune"].pop(key)
-    return flatten({k: d[k] for k in ("models", "run", "per_model", "synthnorb", "tune")})
+    return flatten({k: d[k] for k in ("models", "run", "per_model", "synthnorb", "tune", "seeds")})
+
+
+def study_seeds(cfg: StudyConfig) -> list[int]:
+    """The final runs' training seeds: ``seeds``, else the single ``run.train.seed``."""
+    return list(cfg.seeds) or [cfg.run.train.seed]
 
 
 LIVENESS_KEYS = ("heartbeat_interval", "grace_period")
@@ -260,6 +272,8 @@ def validate(cfg: StudyConfig) -> None:
     for m in cfg.per_model:
         if m not in cfg.models:
             raise ConfigError(f"[per_model.{m}] names a model that is not in models = {cfg.models}")
+    if len(set(cfg.seeds)) != len(cfg.seeds) or any(s < 0 for s in cfg.seeds):
+        raise ConfigError(f"seeds must be distinct integers >= 0, got {cfg.seeds}; e.g. seeds = [0, 1, 2]")
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise ConfigError(f"stages: unknown stage {bad[0]!r}; stages are {', '.join(STAGES)}")

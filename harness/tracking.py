@@ -9,7 +9,8 @@ with explicit run ids, so several trainings (threads or processes) never share h
     python -m harness.tracking uri             # print the tracking URI and artifact root
 
 Other modules use: ``start_run``/``resume_run`` -> ``TrackedRun`` (params, tags, metrics with step,
-artifacts, atomic checkpoints, end status), ``load_model(run_id, which)``, ``load_config(run_id)``.
+artifacts, atomic checkpoints, end status), ``load_model(run_id, which)``, ``load_config(run_id)``,
+``resolve_run_id(prefix)``, and the run-owner checks (``claim_run``, ``mark_dead_study_runs``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,12 +44,17 @@ from harness.config import RunConfig, dumps_toml, from_dict, to_dict  # noqa: E4
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_DIR = "checkpoints"
 RESUME_FILE = f"{CHECKPOINT_DIR}/resume.pt"
+RESUME_PREVIOUS_FILE = f"{CHECKPOINT_DIR}/resume_previous.pt"  # the epoch before (local stores)
 CONFIG_FILE = "config.toml"
 _BATCH = 900  # MLflow accepts at most 1000 metrics / 100 params per log_batch
 
 
 class TrackingError(RuntimeError):
     """A run, artifact or store that cannot be used as asked."""
+
+
+class CheckpointFileError(TrackingError):
+    """A checkpoint artifact that is damaged or refused as unsafe; the message names the file."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,11 +154,14 @@ class TrackedRun:
     def log_file(self, local_path: str | Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_dir)
 
-    def save_torch(self, obj: Any, artifact_file: str) -> None:
-        """``torch.save`` an object as an artifact; atomic (temp + os.replace) in a local artifact store."""
+    def save_torch(self, obj: Any, artifact_file: str, *, previous: str | None = None) -> None:
+        """``torch.save`` an object as an artifact; atomic (temp + os.replace) in a local artifact store.
+
+        ``previous``: keep the file it replaces under this artifact path (local stores only).
+        """
         local = self.local_artifact_dir()
         if local is not None:
-            checkpoint.atomic_save(obj, local / artifact_file)
+            checkpoint.atomic_save(obj, local / artifact_file, previous=previous and local / previous)
             return
         with tempfile.TemporaryDirectory() as tmp:
             path = checkpoint.atomic_save(obj, Path(tmp) / Path(artifact_file).name)
@@ -202,6 +212,7 @@ def start_run(
         "mlflow.user": _user(),
         "mlflow.source.type": "LOCAL",
         "mlflow.source.name": "harness.train",
+        **owner_tags(),
         **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
         **{k: _text(v) for k, v in (tags or {}).items()},
     }
@@ -210,13 +221,14 @@ def start_run(
 
 
 def resume_run(run_id: str, *, system_metrics: bool = True) -> TrackedRun:
-    """Reopen an existing run (status back to RUNNING) to continue logging into it."""
+    """Reopen an existing run (status back to RUNNING, this process its owner) to continue logging into it."""
     c = client()
     try:
         c.get_run(run_id)
     except mlflow.exceptions.MlflowException as e:
         raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
     c.update_run(run_id, status="RUNNING")
+    c.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner_tags().items()])
     return TrackedRun(run_id, system_metrics=system_metrics, resumed=True)
 
 
@@ -262,18 +274,73 @@ def checkpoint_file(which: str | int) -> str:
 
 
 def load_model(run_id: str, which: str | int = "final", device: str = "cpu"):
-    """Rebuild a trained model from its run alone -> (model in eval mode, RunConfig)."""
+    """Rebuild a trained model from its run alone -> (model in eval mode, RunConfig).
+
+    A damaged ``model_final.pt`` / ``model_best.pt`` falls back to the epoch checkpoint of the same epoch
+    (same weights) when the run kept one, with a note on stderr.
+    """
     from models import create_model
 
-    record = checkpoint.load_record(download_artifact(run_id, checkpoint_file(which)))
+    path = download_artifact(run_id, checkpoint_file(which))
+    try:
+        record = checkpoint.load_record(path)
+    except checkpoint.UnsafeCheckpointError as e:
+        raise CheckpointFileError(str(e)) from None
+    except checkpoint.CheckpointError as e:
+        record = _same_epoch_record(run_id, which, e)
     model = create_model(record["model_name"], **record["model_kwargs"])
     model.load_state_dict(record["state_dict"])
     return model.to(device).eval(), load_config(run_id)
 
 
+def _same_epoch_record(run_id: str, which: str | int, error: Exception) -> dict[str, Any]:
+    """The epoch checkpoint holding the same weights as a damaged final/best record, or a one-line error."""
+    c = client()
+    epoch = None
+    if which == "final":  # logged at the step of the last epoch
+        history = c.get_metric_history(run_id, "final_test_error")
+        epoch = max((m.step for m in history), default=None)
+    elif which == "best":
+        epoch = int(c.get_run(run_id).data.metrics.get("best_epoch", 0)) or None
+    try:
+        if epoch is None:
+            raise TrackingError("no epoch to fall back to")
+        path = download_artifact(run_id, checkpoint_file(epoch))
+        record = checkpoint.load_record(path)
+    except (TrackingError, checkpoint.CheckpointError):
+        fix = f"; rewrite it with `python -m harness.train --resume {run_id}`" if which == "final" else ""
+        raise CheckpointFileError(f"{error}{fix}") from None
+    print(f"note: {error}; using {path.name} (epoch {epoch}, the same weights) instead", file=sys.stderr)
+    return record
+
+
 def load_resume_state(run_id: str) -> dict[str, Any]:
-    """The full training state of a run's last completed epoch (``checkpoints/resume.pt``)."""
-    return checkpoint.load_resume_state(download_artifact(run_id, RESUME_FILE))
+    """The full training state of a run's last completed epoch (``checkpoints/resume.pt``).
+
+    When that file is damaged (or missing beside a kept previous one) it falls back to the epoch before
+    (``checkpoints/resume_previous.pt``), with a note on stderr; an unsafe file is refused outright.
+    """
+    try:
+        return checkpoint.load_resume_state(download_artifact(run_id, RESUME_FILE))
+    except checkpoint.UnsafeCheckpointError as e:
+        raise CheckpointFileError(str(e)) from None
+    except (checkpoint.CheckpointError, TrackingError) as e:
+        error = e
+    try:
+        path = download_artifact(run_id, RESUME_PREVIOUS_FILE)
+    except TrackingError:
+        if isinstance(error, checkpoint.CheckpointError):
+            raise CheckpointFileError(str(error)) from None
+        raise error from None
+    try:
+        state = checkpoint.load_resume_state(path)
+    except checkpoint.CheckpointError as e:
+        raise CheckpointFileError(f"{error}; and {e}") from None
+    print(
+        f"note: {error}; resuming from the epoch before ({path.name}, epoch {state['epoch']})",
+        file=sys.stderr,
+    )
+    return state
 
 
 def run_status(run_id: str) -> str:
@@ -350,6 +417,162 @@ def log_attack_results(
 
 
 # ---------------------------------------------------------------------------------------------
+# run ids and run owners (issue 14: a dead run is seen as dead, a run id may be a unique prefix)
+# ---------------------------------------------------------------------------------------------
+
+OWNER_HOST = "capsbench.owner.host"
+OWNER_PID = "capsbench.owner.pid"
+OWNER_STARTED = "capsbench.owner.started"  # the owner process's start time (epoch seconds): pids get reused
+OWNER_GONE = "capsbench.owner_gone"  # set when a RUNNING run is found without its process
+
+
+def resolve_run_id(run_id: str) -> str:
+    """The full id of the run whose id is ``run_id`` or starts with it (e.g. the 8 characters logs print)."""
+    text = run_id.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{1,32}", text):
+        raise TrackingError(f"run id {run_id!r} is not a (prefix of a) 32-character hex MLflow run id")
+    c = client()
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    found = [r.info.run_id for r in c.search_runs(experiments, f"attributes.run_id LIKE '{text}%'")]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui")
+    raise TrackingError(
+        f"run id {run_id!r} is ambiguous: {len(found)} runs start with it ({', '.join(sorted(found)[:3])}"
+        f"{', ...' if len(found) > 3 else ''}); give more characters"
+    )
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process as the one writing a run: host, pid, process start time."""
+    import psutil
+
+    started = psutil.Process().create_time()
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid()), OWNER_STARTED: f"{started:.2f}"}
+
+
+def owner_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process recorded as a run's owner still runs: True, False, or None when this machine
+    cannot tell (no owner recorded, or the owner is on another host)."""
+    import psutil
+
+    host, pid, started = tags.get(OWNER_HOST), tags.get(OWNER_PID, ""), tags.get(OWNER_STARTED, "")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        process = psutil.Process(int(pid))
+        same = abs(process.create_time() - float(started)) < 1.0  # not a new process with a reused pid
+        return same and process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def describe_owner(tags: dict[str, str]) -> str:
+    return f"pid {tags.get(OWNER_PID, '?')} on {tags.get(OWNER_HOST, '?')}"
+
+
+def mark_owner_gone(run_id: str, tags: dict[str, str]) -> None:
+    """A RUNNING run whose process is gone: status KILLED, tag ``capsbench.owner_gone`` says when and who."""
+    c = client()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    c.set_tag(run_id, OWNER_GONE, f"{describe_owner(tags)} found gone at {stamp}")
+    c.set_terminated(run_id, status="KILLED")
+
+
+def claim_run(run_id: str, *, force: bool = False) -> str | None:
+    """Check before resuming ``run_id``: a RUNNING run whose owner is alive (or cannot be checked from here)
+    is refused unless ``force``; one whose owner is gone is marked so. Returns a note when it marked it."""
+    try:
+        run = client().get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
+    if run.info.status != "RUNNING":
+        return None
+    tags = run.data.tags
+    alive = owner_alive(tags)
+    if alive is False:
+        mark_owner_gone(run_id, tags)
+        return f"run {run_id[:8]} was RUNNING but its process ({describe_owner(tags)}) is gone; marked KILLED"
+    if force:
+        return None
+    if OWNER_PID not in tags:
+        owner = "with no recorded owner (it predates owner records): nothing tells whether it is alive"
+    else:
+        why = "still alive" if alive else "cannot be checked from this machine"
+        owner = f"owned by {describe_owner(tags)} ({why})"
+    raise TrackingError(
+        f"run {run_id[:8]} is RUNNING, {owner}; wait for it to end, "
+        "or pass --force if no process is training it"
+    )
+
+
+def mark_dead_study_runs(study: str) -> list[str]:
+    """Mark the RUNNING runs of a study whose owner process is gone (see ``mark_owner_gone``); their ids."""
+    try:
+        runs = search_study_runs(study)
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingError(f"cannot read the runs of study {study!r} from {tracking_uri()} ({e})") from None
+    if runs.empty:
+        return []
+    marked = []
+    for _, row in runs[runs["status"] == "RUNNING"].iterrows():
+        tags = {
+            k.removeprefix("tags."): v for k, v in row.items() if k.startswith("tags.") and isinstance(v, str)
+        }
+        if owner_alive(tags) is False:
+            mark_owner_gone(row["run_id"], tags)
+            marked.append(row["run_id"])
+    return marked
+
+
+# ---------------------------------------------------------------------------------------------
+# the MLflow UI: links that open an experiment's runs table
+# ---------------------------------------------------------------------------------------------
+
+UI_HOST, UI_PORT = "127.0.0.1", 5000
+# MLflow 3 opens every experiment in its GenAI view unless the link asks for the model-training one
+EXPERIMENT_KIND = "custom_model_development"
+# a shared runs-table view (an experiment tag the UI reads when the link names it): runs listed flat, the
+# study's parent run first, then its final runs, then the trials (sorted by capsbench.kind: study < train
+# < trial; the default start-time order folds them under the parent), with the comparison's metric columns
+RUNS_VIEW = "capsbench"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"
+RUN_COLUMNS = ["final_test_error", "test_familiar_error", "test_novel_error", "best_val_error"]
+
+
+def ui_url(experiment_id: str, *, host: str = UI_HOST, port: int = UI_PORT) -> str:
+    """The `mlflow ui` link to an experiment's runs table, in the model-training view (and the capsbench
+    runs view when the experiment has one)."""
+    url = f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    tags = client().get_experiment(experiment_id).tags
+    return url + (f"&viewStateShareKey={RUNS_VIEW}" if RUNS_VIEW_TAG in tags else "")
+
+
+def share_runs_view(experiment_id: str, summary_metrics: list[str] = ()) -> None:
+    """Tag the experiment as model training and (re)write its runs view: ``summary_metrics`` (the parent
+    run's comparison) first, then the final runs' and trials' own metrics."""
+    columns = [f"metrics.`{m}`" for m in dict.fromkeys([*summary_metrics, *RUN_COLUMNS])]
+    view = {
+        "orderByKey": "tags.`capsbench.kind`",
+        "orderByAsc": True,
+        "searchFilter": "",
+        "selectedColumns": columns,
+    }
+    c = client()
+    c.set_experiment_tag(experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+    c.set_experiment_tag(experiment_id, RUNS_VIEW_TAG, json.dumps(view))
+
+
+def ui_links(host: str = UI_HOST, port: int = UI_PORT) -> list[tuple[str, str]]:
+    """(experiment name, runs-table link) of every live experiment that holds runs, newest first."""
+    c = client()
+    exps = c.search_experiments(order_by=["last_update_time DESC"])
+    live = [e for e in exps if c.search_runs([e.experiment_id], max_results=1)]
+    return [(e.name, ui_url(e.experiment_id, host=host, port=port)) for e in live]
+
+
+# ---------------------------------------------------------------------------------------------
 # runs a dead process left RUNNING (harness/study.py closes them when it fails that process's trials)
 # ---------------------------------------------------------------------------------------------
 
@@ -374,10 +597,6 @@ def running_run_tags(run_id: str) -> dict[str, str] | None:
     except mlflow.exceptions.MlflowException:
         return None
     return dict(run.data.tags) if run.info.status == "RUNNING" else None
-
-
-def end_run(run_id: str, status: str) -> None:
-    client().set_terminated(run_id, status=status)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         description="The capsbench MLflow store: browse it or print where it is.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    ui = sub.add_parser("ui", help="run `mlflow ui` on the capsbench store")
+    ui = sub.add_parser("ui", help="print each experiment's runs link, then run `mlflow ui` on the store")
     ui.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     sub.add_parser("uri", help="print the tracking URI and the artifact root")
@@ -486,6 +705,11 @@ def main(argv: list[str] | None = None) -> int:
         root.mkdir(parents=True, exist_ok=True)
         cmd += ["--default-artifact-root", root.as_uri()]
     print(" ".join(cmd), flush=True)
+    links = ui_links(args.host, args.port)
+    for name, url in links:
+        print(f"experiment {name!r}: {url}", flush=True)
+    if not links:
+        print(f"no runs yet in {uri}; run `make study NAME=demo` first", flush=True)
     os.execv(sys.executable, cmd)
     return 0  # not reached
 

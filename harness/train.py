@@ -14,7 +14,9 @@ validation error, test error (familiar / novel with a view split), a model check
 state, written atomically. ``epoch_callback(epoch, metrics) -> bool`` runs after each epoch's evaluation
 and checkpoint; returning True stops the run as pruned (MLflow status KILLED). A NaN/inf loss stops the
 run FAILED, keeping the last good checkpoint; Ctrl-C ends it KILLED. Both resume with ``--resume``, from
-the last completed epoch, and a resumed run equals an uninterrupted one exactly on the CPU.
+the last completed epoch, and a resumed run equals an uninterrupted one exactly on the CPU. A resume may
+change only RESUME_CHANGEABLE (the learning rate, weight decay and epochs, applied from the next epoch, and
+how the run executes); it is refused while the run's owner process is alive (``--force`` overrides).
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ from harness.device import DeviceError, autocast, describe, resolve_device, sync
 VIEWS = ("none", "azimuth", "elevation")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 PRECISIONS = ("fp32", "bf16")
+# what --resume may change: the schedule from the next epoch on, and how the run executes (not what it
+# learns; data.root only to the same files, checked by their sha256s)
+RESUME_APPLIED = ("optim.lr", "optim.weight_decay", "train.epochs")
+RESUME_CHANGEABLE = RESUME_APPLIED + (
+    "train.device", "train.threads", "train.precision", "train.compile", "train.multicrop",
+    "train.save_every", "train.system_metrics", "data.eval_batch_size", "data.root",
+)  # fmt: skip
 
 
 class TrainingError(RuntimeError):
@@ -91,10 +100,14 @@ def fit(
     tags: dict | None = None,
     epoch_callback: Callable[[int, dict], bool] | None = None,
     resume_run_id: str | None = None,
+    force_resume: bool = False,
 ) -> FitResult:
-    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.train.epochs`` epochs, tracked as one MLflow run."""
+    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.train.epochs`` epochs, tracked as one MLflow run.
+
+    ``force_resume``: resume even a RUNNING run whose owner process is alive or on another machine.
+    """
     check_config(cfg)
-    state = _load_resume(resume_run_id) if resume_run_id else None
+    state = _load_resume(resume_run_id, cfg, force_resume) if resume_run_id else None
     _setup_torch(cfg)
     device = resolve_device(cfg.train.device)
     ds = load_datasets(cfg)
@@ -116,6 +129,7 @@ def fit(
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _apply_resume_changes(optimizer, scheduler, cfg, state)
         history, best, train_seconds = state["history"], state["best"], state["train_seconds"]
         start_epoch = state["epoch"]
         checkpoint.set_rng_state(state["rng"])  # last: building the model above drew from the RNG
@@ -154,7 +168,9 @@ def fit(
                 epoch=epoch, config=to_dict(cfg), history=history, best=best, train_seconds=train_seconds
             )
             run.save_torch(
-                checkpoint.resume_state(model, optimizer, scheduler, **resume), tracking.RESUME_FILE
+                checkpoint.resume_state(model, optimizer, scheduler, **resume),
+                tracking.RESUME_FILE,
+                previous=tracking.RESUME_PREVIOUS_FILE,
             )
             print(_epoch_line(run.run_id, epoch, cfg.train.epochs, metrics), flush=True)
             if epoch_callback is not None and epoch_callback(epoch, dict(metrics)):
@@ -324,6 +340,7 @@ def train_one_epoch(
         "train_error": wrong.item() / seen,
         "margin": margin,
         "samples_per_s": seen / seconds,
+        "epoch_train_seconds": seconds,
     }
 
 
@@ -417,21 +434,27 @@ def _finish(
 
 def _open_run(cfg, model, ds, device, state, resume_run_id, parent_run_id, tags, loss_name):
     system = cfg.train.system_metrics
+    identity = json.dumps(_data_identity(ds), sort_keys=True)
     if state is not None:
+        recorded = tracking.client().get_run(resume_run_id).data.tags.get("data.identity", identity)
+        if recorded != identity:
+            raise ConfigError(
+                f"data.root={cfg.data.root or '(default)'} holds other {cfg.data.name} files than run "
+                f"{resume_run_id[:8]} was trained on (their sha256s differ); point data.root at those files"
+            )
         run = tracking.resume_run(resume_run_id, system_metrics=system)
         changed = {k: v for k, v in flatten(cfg).items() if flatten(state["config"]).get(k) != v}
         run.set_tags({"capsbench.resumed_from_epoch": state["epoch"], "device": describe(device)})
         if changed:  # MLflow params are immutable: record what differs from the logged params as a tag
             run.set_tags({"capsbench.resume_overrides": json.dumps(changed, sort_keys=True, default=str)})
         return run
-    identity = {split: getattr(getattr(ds, split), "identity", {}) for split in ("train", "val", "test")}
     run_tags = {
         "capsbench.kind": "trial" if parent_run_id else "train",
         "capsbench.model": cfg.model.name,
         "capsbench.family": getattr(model, "family", "unknown"),
         "capsbench.loss": str(loss_name),
         "device": describe(device),
-        "data.identity": json.dumps(identity, sort_keys=True),
+        "data.identity": identity,
         "versions": json.dumps(tracking.versions(), sort_keys=True),
         **tracking.git_info(),
         **(tags or {}),
@@ -448,13 +471,47 @@ def _open_run(cfg, model, ds, device, state, resume_run_id, parent_run_id, tags,
     return run
 
 
-def _load_resume(run_id: str) -> dict:
+def _data_identity(ds: Datasets) -> dict:
+    """file name -> sha256 of the files behind each split (the run's ``data.identity`` tag)."""
+    return {split: getattr(getattr(ds, split), "identity", {}) for split in ("train", "val", "test")}
+
+
+def _load_resume(run_id: str, cfg: RunConfig, force: bool) -> dict:
+    """The run's resume state, after checking nobody else trains it and ``cfg`` changes only what may."""
+    note = tracking.claim_run(run_id, force=force)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     try:
-        return tracking.load_resume_state(run_id)
+        state = tracking.load_resume_state(run_id)
+    except tracking.CheckpointFileError:
+        raise
     except tracking.TrackingError as e:
         raise TrainingError(
             f"cannot resume run {run_id}: {e}; it has no completed epoch to resume from, start a new run"
         ) from e
+    old, new = flatten(state["config"]), flatten(cfg)
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key) and key not in RESUME_CHANGEABLE:
+            raise ConfigError(
+                f"--resume cannot change {key} (the run was trained with {old.get(key)!r}, now "
+                f"{new.get(key)!r}); it may change only {', '.join(RESUME_CHANGEABLE)}: start a new run"
+            )
+    return state
+
+
+def _apply_resume_changes(optimizer, scheduler, cfg: RunConfig, state: dict) -> None:
+    """A changed optim.lr restarts the schedule from it (epoch k+1 runs at lr * lr_decay^k); a changed
+    optim.weight_decay applies from the next step (the restored optimiser would keep the old values)."""
+    old = state["config"]["optim"]
+    if cfg.optim.lr != old["lr"]:
+        lr = cfg.optim.lr * cfg.optim.lr_decay ** state["epoch"]
+        for group in optimizer.param_groups:
+            group["lr"], group["initial_lr"] = lr, cfg.optim.lr
+        scheduler.base_lrs = [cfg.optim.lr for _ in optimizer.param_groups]
+        scheduler._last_lr = [lr for _ in optimizer.param_groups]
+    if cfg.optim.weight_decay != old["weight_decay"]:
+        for group in optimizer.param_groups:
+            group["weight_decay"] = cfg.optim.weight_decay
 
 
 def _setup_torch(cfg: RunConfig) -> None:
@@ -617,8 +674,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         metavar="RUN_ID",
-        help="continue this run from its last completed epoch with its "
-        "logged config (--set may change e.g. train.epochs or optim.lr)",
+        help="continue this run (id or a unique prefix, e.g. the 8 characters the logs print) from its last "
+        f"completed epoch with its logged config; --set may change {', '.join(RESUME_APPLIED)} (applied "
+        "from the next epoch) and how it runs (train.device, train.threads, ...); other keys are refused",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: resume even a RUNNING run whose process is alive or on another machine",
     )
     p.add_argument("--parent-run-id", metavar="RUN_ID", help="nest the new run under this MLflow run")
     p.add_argument(
@@ -647,6 +710,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.force and not args.resume:
+            raise ConfigError("--force applies to --resume only; drop it")
+        if args.resume:
+            args.resume = tracking.resolve_run_id(args.resume)
+        if args.parent_run_id:
+            args.parent_run_id = tracking.resolve_run_id(args.parent_run_id)
         cfg = config_from_args(args)
         if args.print_config:
             from harness.config import dumps_toml
@@ -656,7 +725,13 @@ def main(argv: list[str] | None = None) -> int:
         tags = dict(t.split("=", 1) for t in args.tag if "=" in t)
         if len(tags) != len(args.tag):
             raise ConfigError("--tag must look like KEY=VALUE")
-        fit(cfg, parent_run_id=args.parent_run_id, tags=tags, resume_run_id=args.resume)
+        fit(
+            cfg,
+            parent_run_id=args.parent_run_id,
+            tags=tags,
+            resume_run_id=args.resume,
+            force_resume=args.force,
+        )
     except (ConfigError, models.UnknownModelError, data.DataError, DeviceError, tracking.TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

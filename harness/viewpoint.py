@@ -20,6 +20,12 @@ errors of the matched checkpoints (``checkpoint_cells``).
                                families={"em_capsnet_small": "capsule", "cnn_small": "cnn"}, view="azimuth")
     print(format_matched(result))
 
+With several training seeds (a study's ``seeds``), the protocol runs once per seed, pairing the models
+trained with the same seed, and ``compare_seeds`` summarises the matched novel errors over seeds
+(mean ± 95% t-interval) and says whether the capsule − CNN difference is larger than the seed-to-seed
+spread: its paired 95% interval excludes zero *and* its size exceeds the larger of the two models'
+standard deviations over seeds.
+
 A history is the runner's per-epoch list of metric dicts (``FitResult.history``): each has ``epoch``
 (1-based; the list position is used when it is absent), ``test_familiar_error``, ``test_novel_error`` and
 ``val_error``. Epochs without a familiar-view test error (NaN or missing) are skipped.
@@ -33,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
+
+from harness.intervals import Estimate, estimate
 
 RULE = (
     "each model's reference point is its {reference} epoch; the target is the worse reference familiar-view "
@@ -192,6 +200,94 @@ def parent_metrics(result: MatchResult) -> dict[str, float]:
             f"{p}/final_familiar_error": m.final_familiar_error,
             f"{p}/final_novel_error": m.final_novel_error,
         }
+    return {k: v for k, v in out.items() if not math.isnan(v)}
+
+
+# ---------------------------------------------------------------------------------------------
+# several training seeds
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SeedComparison:
+    view: str
+    seeds: list[int]
+    families: dict[str, str]
+    familiar: dict[str, Estimate]  # model -> matched familiar-view error over seeds
+    novel: dict[str, Estimate]  # model -> matched novel-view error over seeds
+    capsule: str | None  # the compared pair: the first capsule model and the first CNN
+    cnn: str | None
+    difference: Estimate | None  # capsule − CNN matched novel error, paired by seed
+    spread: float  # the larger of the pair's seed-to-seed SDs of matched novel error
+
+    @property
+    def larger_than_spread(self) -> bool:
+        d = self.difference
+        return bool(d is not None and d.excludes_zero() and abs(d.mean) > self.spread)
+
+    def verdict(self) -> str:
+        """One sentence on the capsule − CNN difference against the seed-to-seed spread."""
+        d = self.difference
+        if d is None or d.n < 2:
+            return "too few paired seeds to compare the difference with the seed-to-seed spread"
+        diff = (
+            f"the capsule − CNN difference of {100 * d.mean:+.1f} points "
+            f"(95% interval {100 * d.low:+.1f} to {100 * d.high:+.1f})"
+        )
+        spread = f"the seed-to-seed spread (SD up to {100 * self.spread:.1f} points over {d.n} seeds)"
+        if self.larger_than_spread:
+            return f"{diff} is larger than {spread}"
+        return f"{diff} is not larger than {spread}, so these seeds do not separate the two"
+
+    def to_dict(self) -> dict[str, Any]:
+        est = lambda e: None if e is None else asdict(e)  # noqa: E731
+        return {
+            "view": self.view,
+            "seeds": self.seeds,
+            "families": self.families,
+            "familiar": {m: est(e) for m, e in self.familiar.items()},
+            "novel": {m: est(e) for m, e in self.novel.items()},
+            "capsule": self.capsule,
+            "cnn": self.cnn,
+            "difference": est(self.difference),
+            "spread": self.spread,
+            "larger_than_spread": self.larger_than_spread,
+            "verdict": self.verdict(),
+        }
+
+
+def compare_seeds(results: Mapping[int, MatchResult]) -> SeedComparison:
+    """Matched errors over seeds (one MatchResult per seed, the same models in each)."""
+    if not results:
+        raise ViewpointError("compare_seeds needs at least one seed's matched protocol")
+    seeds = sorted(results)
+    first = results[seeds[0]]
+    families = {m: mm.family for m, mm in first.models.items()}
+    per = lambda m, key: [getattr(results[s].models[m], key) for s in seeds if m in results[s].models]  # noqa: E731
+    familiar = {m: estimate(per(m, "matched_familiar_error")) for m in families}
+    novel = {m: estimate(per(m, "matched_novel_error")) for m in families}
+    capsule = next((m for m, f in families.items() if f == "capsule"), None)
+    cnn = next((m for m, f in families.items() if f == "cnn"), None)
+    difference, spread = None, math.nan
+    if capsule and cnn:
+        pairs = [results[s].models for s in seeds if {capsule, cnn} <= set(results[s].models)]
+        difference = estimate(p[capsule].matched_novel_error - p[cnn].matched_novel_error for p in pairs)
+        sds = [novel[m].sd for m in (capsule, cnn) if not math.isnan(novel[m].sd)]
+        spread = max(sds) if sds else math.nan
+    return SeedComparison(first.view, seeds, families, familiar, novel, capsule, cnn, difference, spread)
+
+
+def seed_parent_metrics(comparison: SeedComparison) -> dict[str, float]:
+    """Parent-run metrics over seeds: per-model mean and 95% half-width, and the paired difference."""
+    out: dict[str, float] = {"viewpoint/n_seeds": float(len(comparison.seeds))}
+    for m, e in comparison.novel.items():
+        out[f"viewpoint/{m}/matched_novel_error_mean"] = e.mean
+        out[f"viewpoint/{m}/matched_novel_error_ci95"] = e.half
+        out[f"viewpoint/{m}/matched_familiar_error_mean"] = comparison.familiar[m].mean
+    if comparison.difference is not None:
+        out["viewpoint/novel_error_difference"] = comparison.difference.mean
+        out["viewpoint/novel_error_difference_ci95"] = comparison.difference.half
+        out["viewpoint/seed_spread"] = comparison.spread
     return {k: v for k, v in out.items() if not math.isnan(v)}
 
 

@@ -116,6 +116,20 @@ class PrimaryCaps(nn.Module):
         return poses, acts
 
 
+class WeightInit(StrEnum):
+    NORMAL = "normal"  # every entry N(0, std^2)
+    IDENTITY = "identity"  # I + N(0, std^2): every vote starts as a copy of its child's pose
+
+
+def init_transforms(shape: tuple[int, ...], init: str, std: float) -> torch.Tensor:
+    """Transformation matrices (..., 4, 4) drawn as ``init`` says."""
+    init = _choice(WeightInit, init, "weight_init")
+    w = torch.randn(*shape) * std
+    if init is WeightInit.IDENTITY:
+        w += torch.eye(4)
+    return w
+
+
 class _RoutingLayer(nn.Module):
     """Shared parameters and options of the layers that route: transformation matrices and betas."""
 
@@ -127,11 +141,15 @@ class _RoutingLayer(nn.Module):
         cost_norm: str,
         var_floor: float,
         routing: str,
+        weight_init: str = "normal",
+        weight_std: float = 0.5,
+        beta_a_init: Sequence[float] = (0.0, 0.0),
     ):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(*weight_shape) * 0.5)  # V = P W keeps the pose scale
+        self.weight = nn.Parameter(init_transforms(weight_shape, weight_init, weight_std))
         self.beta_u = nn.Parameter(torch.zeros(parents))
-        self.beta_a = nn.Parameter(torch.zeros(parents))
+        mean, std = beta_a_init
+        self.beta_a = nn.Parameter(mean + std * torch.randn(parents))
         self.inverse_temperatures = tuple(float(x) for x in inverse_temperatures)
         self.cost_norm = _choice(CostNorm, cost_norm, "cost_norm").value
         self.var_floor = float(var_floor)
@@ -175,6 +193,9 @@ class ConvCaps(_RoutingLayer):
         cost_norm: str = "none",
         var_floor: float = DEFAULT_VAR_FLOOR,
         routing: str = "fast",
+        weight_init: str = "normal",
+        weight_std: float = 0.5,
+        beta_a_init: Sequence[float] = (0.0, 0.0),
     ):
         super().__init__(
             (kernel * kernel * in_types, out_types, 4, 4),
@@ -183,6 +204,9 @@ class ConvCaps(_RoutingLayer):
             cost_norm,
             var_floor,
             routing,
+            weight_init,
+            weight_std,
+            beta_a_init,
         )
         self.in_types, self.out_types, self.kernel, self.stride = in_types, out_types, kernel, stride
         self.competition = _choice(Competition, competition, "competition").value
@@ -253,9 +277,20 @@ class ClassCaps(_RoutingLayer):
         cost_norm: str = "none",
         var_floor: float = DEFAULT_VAR_FLOOR,
         routing: str = "fast",
+        weight_init: str = "normal",
+        weight_std: float = 0.5,
+        beta_a_init: Sequence[float] = (0.0, 0.0),
     ):
         super().__init__(
-            (in_types, num_classes, 4, 4), num_classes, inverse_temperatures, cost_norm, var_floor, routing
+            (in_types, num_classes, 4, 4),
+            num_classes,
+            inverse_temperatures,
+            cost_norm,
+            var_floor,
+            routing,
+            weight_init,
+            weight_std,
+            beta_a_init,
         )
         self.in_types, self.num_classes, self.coord_add = in_types, num_classes, bool(coord_add)
         self.register_buffer("centres", torch.as_tensor(centres, dtype=torch.float32), persistent=False)

@@ -1,4 +1,4 @@
-"""The fast path of EM routing (``routing="fast"``): DESIGN §4 with a fraction of the work and memory.
+"""The fast path of EM routing (``routing="fast"``): docs/em_routing.md at a fraction of the work.
 
 Same numbers as ``models.em_routing.em_routing`` (tests hold them together in float64 and float32, values
 and gradients, both competition modes). Two engines compute it:

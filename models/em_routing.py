@@ -1,6 +1,6 @@
 """EM routing between capsule layers (Hinton, Sabour & Frosst, ICLR 2018, Procedure 1), as written.
 
-This is the plain statement of DESIGN §4 — one tensor op per line of the paper — used by the
+This is the plain statement of docs/em_routing.md — one tensor op per line of the paper — used by the
 ``routing="reference"`` path and as the readable definition of the math. ``models/em_fast.py`` computes
 the same numbers with less memory traffic; tests hold the two together and against a float64 loop.
 
@@ -109,7 +109,7 @@ def em_routing(
     return_assignments: bool = False,
     return_logits: bool = False,
 ):
-    """EM routing as written in DESIGN §4.
+    """EM routing as written in docs/em_routing.md.
 
     votes (..., I, J, 16), activations (..., I), beta_u and beta_a (J,) (or broadcastable to (..., J)),
     one inverse temperature per iteration. ``normalize`` maps E-step logits (..., I, J) to assignments R

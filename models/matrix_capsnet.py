@@ -41,8 +41,12 @@ class MatrixCapsNet(nn.Module):
         lambda_schedule: str = "official",  # official: final (1 - 0.95^t) | linear: 1, 2, 3 | constant
         final_lambda: float = 0.01,
         cost_norm: str = "none",  # none (paper) | zscore (seed article) | scaled (Gritzman 2019)
-        routing: str = "fast",  # fast (models.em_fast) | reference (unfold + einsum + DESIGN §4)
+        routing: str = "fast",  # fast (models.em_fast) | reference (unfold + einsum, docs/em_routing.md)
         var_floor: float = DEFAULT_VAR_FLOOR,
+        conv1_norm: str = "none",  # none (paper) | batch: BatchNorm between Conv1 and its ReLU
+        weight_init: str = "normal",  # normal | identity (I + noise) for the transformation matrices
+        weight_std: float = 0.5,
+        beta_a_init: tuple[float, float] = (0.0, 0.0),  # mean, std of each parent type's beta_a
     ):
         super().__init__()
         for name, value in dict(in_channels=in_channels, num_classes=num_classes, A=A, B=B, C=C, D=D).items():
@@ -65,9 +69,17 @@ class MatrixCapsNet(nn.Module):
         self.num_classes, self.input_size, self.in_channels = num_classes, input_size, in_channels
         self.inverse_temperatures = lambdas
         self.normalize = PerImageStandardize()
-        self.conv1 = nn.Conv2d(in_channels, A, 5, stride=2)
+        self.conv1 = nn.Conv2d(in_channels, A, 5, stride=2, bias=conv1_norm == "none")  # BatchNorm has one
+        self.conv1_norm = _conv1_norm(conv1_norm, A)
         self.primary_caps = PrimaryCaps(A, B)
-        routing_args = dict(cost_norm=cost_norm, var_floor=var_floor, routing=routing)
+        routing_args = dict(
+            cost_norm=cost_norm,
+            var_floor=var_floor,
+            routing=routing,
+            weight_init=weight_init,
+            weight_std=weight_std,
+            beta_a_init=tuple(beta_a_init),
+        )
         self.conv_caps1 = ConvCaps(B, C, 3, 2, lambdas, competition=competition, **routing_args)
         self.conv_caps2 = ConvCaps(C, D, 3, 1, lambdas, competition=competition, **routing_args)
         self.class_caps = ClassCaps(D, num_classes, lambdas, centres, coord_add=coord_add, **routing_args)
@@ -82,7 +94,7 @@ class MatrixCapsNet(nn.Module):
 
     def _class_capsules(self, x: torch.Tensor, return_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
-        features = torch.relu(self.conv1(self.normalize(x)))  # (N, A, S1, S1)
+        features = torch.relu(self.conv1_norm(self.conv1(self.normalize(x))))  # (N, A, S1, S1)
         poses, acts = self.primary_caps(features)  # (N, S1, S1, B, 16), (N, S1, S1, B)
         poses, acts = self.conv_caps1(poses, acts)  # (N, S2, S2, C, ...)
         poses, acts = self.conv_caps2(poses, acts)  # (N, S3, S3, D, ...)
@@ -97,19 +109,38 @@ class MatrixCapsNet(nn.Module):
         return self._class_capsules(x, return_logits=True)[1]
 
 
-def _create_capsnet(variant: str, **kwargs) -> MatrixCapsNet:
-    return MatrixCapsNet(**kwargs)
+def _conv1_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    raise ValueError(f"unknown conv1_norm {kind!r}: use 'none' or 'batch'")
+
+
+# Training recipes: constructor settings that differ from MatrixCapsNet's own (the paper's) defaults.
+# "capsbench" is what learns best in the learning benchmark (docs/capsule_recipe.md has the evidence);
+# "paper" keeps the paper's settings (3 iterations, its λ schedule, no BatchNorm, plain N(0, 0.5²) transforms).
+RECIPES = {
+    "capsbench": dict(routing_iters=2, conv1_norm="batch", weight_init="identity", weight_std=0.1),
+    "paper": {},
+}
+
+
+def _create_capsnet(recipe: str = "capsbench", **kwargs) -> MatrixCapsNet:
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}: use one of {', '.join(map(repr, RECIPES))}")
+    return MatrixCapsNet(**{**RECIPES[recipe], **kwargs})
 
 
 @register_model
 def em_capsnet(**kwargs) -> MatrixCapsNet:
-    """The paper's smallNORB capsule network, A=B=C=D=32 (≈310K parameters)."""
-    model_args = dict(A=32, B=32, C=32, D=32)
-    return _create_capsnet("em_capsnet", **dict(model_args, **kwargs))
+    """The paper's smallNORB capsule network, A=B=C=D=32 (≈310K parameters); ``recipe="paper"`` for the
+    paper's training settings."""
+    return _create_capsnet(**dict(dict(A=32, B=32, C=32, D=32), **kwargs))
 
 
 @register_model
 def em_capsnet_small(**kwargs) -> MatrixCapsNet:
-    """The paper's small capsule network, A=64, B=8, C=D=16 (≈68K parameters)."""
-    model_args = dict(A=64, B=8, C=16, D=16)
-    return _create_capsnet("em_capsnet_small", **dict(model_args, **kwargs))
+    """The paper's small capsule network, A=64, B=8, C=D=16 (≈68K parameters); ``recipe="paper"`` for the
+    paper's training settings."""
+    return _create_capsnet(**dict(dict(A=64, B=8, C=16, D=16), **kwargs))

@@ -1,4 +1,4 @@
-"""A plain float64 loop implementation of EM routing (Procedure 1 of the paper, DESIGN §4) for the tests.
+"""A plain float64 loop implementation of EM routing (the paper's Procedure 1, docs/em_routing.md), for tests.
 
 Written for clarity, not speed: children, parents and edges are Python lists and dicts; each child votes
 for the parents it is connected to, and its assignments are normalised over exactly those parents.

@@ -179,9 +179,10 @@ def test_fake_study_report_matches_records(store, tmp_path):
     assert clean["cnn_small"]["params"] == "70.0K"
     assert clean["cnn_small"]["train samples/s"] == "102.0"  # median of 101, 102, 103
     attacked = table_rows(page.tables[1])
-    # worst case over losses: the margin loss (accuracy 0.8 - 0.1 - 0.1 = 0.6 -> error 40%; success 0.2)
-    assert attacked["cnn_small"]["FGSM ε=0.1"] == "40.0% / 20.0%"
+    # worst case over losses: the margin loss (accuracy 0.8 - 0.1 - 0.1 = 0.6; success 0.2)
+    assert attacked["cnn_small"]["FGSM ε=0.1"] == "60.0% / 20.0%"
     assert attacked["em_capsnet_small"]["BIM ε=0.2"] == "50.0% / 30.0%"
+    assert attacked["cnn_small"]["clean"] == "80.0%"  # acc_eps_0: both losses agree
     text = (tmp_path / "report.md").read_text()
     assert f"parent run `{parent_id}`" in text  # the parent that got furthest, not the newest
     assert "Gradient-masking flags on `em_capsnet_small`** (treat its robustness" in text
@@ -200,8 +201,8 @@ def test_paper_reference_rows_only_for_smallnorb(store):
     paper = table[table["model"].str.startswith("paper:")].set_index("family")
     assert paper.loc["cnn", "novel error (matched)"] == pytest.approx(0.200)
     assert paper.loc["capsule", "novel error (matched)"] == pytest.approx(0.135)
-    assert paper.loc["capsule", "FGSM error ε=0.1"] == pytest.approx(0.14)
-    assert "FGSM error ε=0.5" not in table  # the study did not attack at 0.5
+    assert paper.loc["capsule", "FGSM accuracy ε=0.1"] == pytest.approx(0.86)
+    assert "FGSM accuracy ε=0.5" not in table  # the study did not attack at 0.5
     assert len(paper) == 2  # the small capsule net's number is full-data test error only
 
 
@@ -353,9 +354,9 @@ def test_real_study_report(real_store):
             acc = run[f"metrics.attack/{attack}/worst/acc_eps_{eps:g}"]
             success = run[f"metrics.attack/{attack}/worst/targeted_success_eps_{eps:g}"]
             assert (
-                attacked[model][f"{attack.upper()} ε={eps:g}"]
-                == f"{100 * (1 - acc):.1f}% / {100 * success:.1f}%"
+                attacked[model][f"{attack.upper()} ε={eps:g}"] == f"{100 * acc:.1f}% / {100 * success:.1f}%"
             )
+        assert attacked[model]["clean"] == f"{100 * run['metrics.attack/clean_accuracy']:.1f}%"
     assert "report/report.html" in tracking.list_artifacts(parent_id, "report")
     text = (tmp / "full" / "report.md").read_text()
     assert "stage `tune` has not finished" in text  # this store has no tuning
@@ -376,9 +377,9 @@ def test_real_study_report_before_attacks(real_store):
 
 def test_attack_cells_without_targeted_results():
     table = pd.DataFrame(
-        [{"model": "m", "family": "cnn", "test error": 0.1, "FGSM error ε=0.1": 0.25},
-         {"model": "n", "family": "cnn", "test error": 0.2, "FGSM error ε=0.1": None},
-         {"model": "paper: x", "family": "cnn", "test error": 0.05, "FGSM error ε=0.1": None}]
+        [{"model": "m", "family": "cnn", "test error": 0.1, "FGSM accuracy ε=0.1": 0.25},
+         {"model": "n", "family": "cnn", "test error": 0.2, "FGSM accuracy ε=0.1": None},
+         {"model": "paper: x", "family": "cnn", "test error": 0.05, "FGSM accuracy ε=0.1": None}]
     )  # fmt: skip
     clean, attacked = report.split_summary(table)
     assert list(clean.columns) == ["model", "family", "test error"] and len(clean) == 3
@@ -399,3 +400,79 @@ def test_importances_find_the_parameter_that_matters():
     assert imp["m"]["lr"] > 0.8 and sum(imp["m"].values()) == pytest.approx(1.0)
     few, notes = report.importances(trials.head(2))
     assert few == {} and "too few" in notes[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# what a reader sees first: the answer in one sentence, the parent run's summary, the UI link
+# ---------------------------------------------------------------------------------------------
+
+
+def test_parent_run_carries_the_comparison(store, tmp_path):
+    parent_id = fake_study("summary", stages=("data", "tune", "train", "attack"))
+    path = report.write_report("summary", out_dir=tmp_path)
+    run = tracking.client().get_run(parent_id)
+    m = run.data.metrics
+    assert m["caps/test_error"] == pytest.approx(0.2) and m["cnn/test_error"] == pytest.approx(0.25)
+    assert m["cnn/fgsm_acc_eps_0.1"] == pytest.approx(0.6)  # worst case over losses
+    assert m["caps/bim_targeted_success_eps_0.2"] == pytest.approx(0.3)
+    assert m["caps/clean_accuracy"] == pytest.approx(0.8)
+    assert not any(k.endswith("_ci95") for k in m)  # one seed: no interval
+    note = run.data.tags["mlflow.note.content"]
+    lead = "On the test set capsules (`em_capsnet_small`) make 20.0% errors vs the CNN's (`cnn_small`) 25.0%"
+    assert note.startswith(lead + "; under FGSM at ε = 0.1 they keep 60.0% accuracy vs 60.0%")
+    exp_id = run.info.experiment_id
+    assert f"(#/experiments/{exp_id}/runs/{parent_id}/artifacts/report/report.html)" in note
+    assert str(path) in note
+    text = path.with_suffix(".md").read_text()
+    assert text.split("\n\n")[1] == f"**{note.splitlines()[0]}**"  # the page leads with the same sentence
+    exp = tracking.client().get_experiment(exp_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.capsbench"])
+    assert view["orderByKey"] == "tags.`capsbench.kind`" and view["orderByAsc"] is True
+    assert view["selectedColumns"][:2] == ["metrics.`caps/test_error`", "metrics.`cnn/test_error`"]
+    link = tracking.ui_url(exp_id)
+    assert link == (
+        f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+        "&viewStateShareKey=capsbench"
+    )
+    assert f"Browse the runs: `make ui`, then open {link}" in text
+    assert ("summary", link) in tracking.ui_links()  # what `make ui` prints, one line per experiment
+
+
+def test_headline_reads_the_matched_protocol(real_store):
+    records = report.collect(REAL)
+    matched = records.matched["models"]
+    caps, cnn = (f"{100 * matched[m]['matched_novel_error']:.1f}%" for m in ("em_capsnet_small", "cnn_small"))
+    target = f"{100 * records.matched['target_familiar_error']:.1f}%"
+    assert report.headline(records).startswith(
+        f"On novel azimuths capsules (`em_capsnet_small`) make {caps} errors vs the CNN's (`cnn_small`) "
+        f"{cnn} at matched familiar-view error {target}; under FGSM at ε = 0.1"
+    )
+    assert report.headline(records).endswith("list `seeds = [0, 1, 2]` in the study file for one).")
+
+
+def test_accuracy_curves_start_at_the_clean_point():
+    metrics = {"attack/clean_accuracy": 0.9, "attack/fgsm/ce/acc_eps_0.1": 0.5,
+               "attack/fgsm/margin/acc_eps_0.1": 0.4, "attack/bim/ce/acc_eps_0": 0.8,
+               "attack/bim/ce/acc_eps_0.1": 0.3}  # fmt: skip
+    table = report.parse_attack_metrics("m", metrics)
+    zero = table[table["eps"] == 0].set_index(["attack", "loss"])["value"]
+    assert zero[("fgsm", "ce")] == zero[("fgsm", "margin")] == zero[("fgsm", "worst")] == 0.9
+    assert zero[("bim", "ce")] == 0.8  # a logged ε = 0 point is kept as it is
+    fig = report.figs.attack_curves(table, {"m": "capsule"}, kind="acc")
+    xs = [line.get_xdata()[0] for line in fig.axes[0].lines]
+    assert xs and all(x == 0 for x in xs)  # every FGSM curve starts at ε = 0
+
+
+def test_the_repository_cites_no_file_outside_it():
+    import subprocess
+
+    root = report.PROJECT_ROOT
+    files = subprocess.run(["git", "-C", str(root), "ls-files"], capture_output=True, text=True, check=True)
+    outside = ["DESIGN" + ".md", "DESIGN" + " §", "../" + "shared", "STYLE" + ".md"]  # not spelled out here
+    cited = [
+        name
+        for name in files.stdout.split()
+        if (root / name).is_file() and any(o in (root / name).read_text(errors="ignore") for o in outside)
+    ]
+    assert cited == [], f"cite docs/ instead of files outside the repository: {cited}"

@@ -273,9 +273,9 @@ def test_a_killed_helper_on_another_host_is_failed_and_retried_without_a_rerun(s
     runs = study_runs(name)
     dead_run = [r for r in runs["trial"] if r.data.tags["optuna.trial"] == str(victim.number)]
     assert [r.info.status for r in dead_run] == ["FAILED"]
-    by_host = {r.data.tags["capsbench.runner"].rpartition(":")[0]: r.info.status for r in runs["study"]}
-    assert by_host.pop("helper-host") == "KILLED"  # the dead helper's parent run
-    assert list(by_host.values()) == ["FINISHED"]
+    by_pid = {r.data.tags[tracking.OWNER_PID]: r.info.status for r in runs["study"]}
+    assert by_pid.pop(str(helper.pid)) == "KILLED"  # the dead helper's parent run
+    assert list(by_pid.values()) == ["FINISHED"]
     assert f"trial {victim.number} of {name}.cnn_small (helper-host:" in main_out
     with capsys.disabled():
         print(

@@ -304,7 +304,8 @@ def test_killed_study_resumes_without_losing_or_duplicating_anything(env, monkey
     child.join()
     assert killed_trial is not None, "the child study never reached a running second trial"
     before = len(counted(trials(root, "tiny", model)))
-    assert "tune       running (or interrupted)" in status_text(load_study(study_file), root)
+    status = status_text(load_study(study_file), root)  # also marks the runs the kill left RUNNING
+    assert "tune       interrupted (rerun to resume)" in status and "now marked KILLED" in status
 
     monkeypatch.setenv("FAKE_FIT_SLEEP", "0")
     cfg = load_study(study_file)
@@ -322,7 +323,7 @@ def test_killed_study_resumes_without_losing_or_duplicating_anything(env, monkey
         if r.data.tags.get("optuna.study") == f"tiny.{model}"
         and r.data.tags.get("optuna.trial") == str(killed_trial.number)
     ]
-    assert [r.info.status for r in dead_runs] == ["FAILED"]
+    assert [(r.info.status, tracking.OWNER_GONE in r.data.tags) for r in dead_runs] == [("KILLED", True)]
     parents = [r for r in runs if r.data.tags.get("capsbench.kind") == "study"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent run, reopened
 

@@ -122,6 +122,7 @@ def test_cnn_learns_on_synthnorb_and_the_run_record_is_complete(synth_cfg):
         "checkpoints/model_epoch_003.pt",
         "checkpoints/model_final.pt",
         "checkpoints/resume.pt",
+        "checkpoints/resume_previous.pt",
         "config.toml",
         "confusion.png",
         "viewpoint/errors.json",

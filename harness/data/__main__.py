@@ -12,6 +12,7 @@ Data root: $CAPSBENCH_DATA, else <project>/data; a dataset lives in <root>/<name
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -48,11 +49,10 @@ def _cmd_verify(args) -> int:
     for name, s in status.items():
         print(f"{s if s == 'ok' else 'BAD':>4}  {name}" + ("" if s == "ok" else f": {s}"))
     bad = [n for n, s in status.items() if s != "ok"]
-    fix = (
-        "python -m harness.data download smallnorb"
-        if args.name == "smallnorb"
-        else "python -m harness.data synth"
-    )
+    if args.name == "smallnorb":
+        fix = f"python -m harness.data download smallnorb --root {shlex.quote(str(folder))} --force"
+    else:
+        fix = synthnorb.synth_command(folder, (synthnorb.read_manifest(folder) or {}).get("options"))
     print(
         f"{args.name} in {folder}: "
         + ("all files ok" if not bad else f"{len(bad)} problem(s); fix with `{fix}`")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="download again even if the files are present and correct"
     )
     root_opt(s)
-    s = add("verify", "check the files on disk against their checksums", _cmd_verify)
+    s = add("verify", "re-hash every file and check it against its checksum", _cmd_verify)
     s.add_argument("name", nargs="?", default="smallnorb", choices=["smallnorb", "synthnorb"])
     root_opt(s)
     s = add("synth", "render synthnorb in smallNORB's format (full set: a few minutes)", _cmd_synth)

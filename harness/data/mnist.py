@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shlex
 import shutil
 import urllib.error
 from pathlib import Path
@@ -111,7 +112,8 @@ def _loader(name: str):
                 fetch(name, folder)
             else:
                 raise DataError(
-                    f"{name} is not in {folder}: get it with `python -m harness.data download {name}`"
+                    f"{name} is not in {folder}: get it with "
+                    f"`python -m harness.data download {name} --root {shlex.quote(str(folder))}`"
                 )
         try:
             ds = _tv_class(name)(str(folder), train=part == "train", download=False)

@@ -1,4 +1,4 @@
-"""smallNORB: the six files, record order, download, verification and loading (DESIGN §5).
+"""smallNORB: the six files, record order, download, verification and loading (docs/smallnorb_format.md).
 
 The files use the NORB matrix format (harness/data/norb_format.py), gzip-compressed as published or
 plain (memory-mapped). The 96×96 stereo images are downsampled once to 48×48 and cached in
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -139,7 +140,8 @@ def write_labels(
 
 
 # ---------------------------------------------------------------------------------------------
-# checksums (cached next to the data, keyed by size and modification time)
+# checksums (cached next to the data for loading, keyed by size, modification time and inode;
+# `verify` always re-hashes: a file damaged in place with its mtime kept passes the cache key)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -148,14 +150,15 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def cached_sha256(path: Path) -> str:
-    """sha256 of ``path``, remembered in <folder>/cache/sha256.json while its size and mtime are unchanged."""
+def cached_sha256(path: Path, *, rehash: bool = False) -> str:
+    """sha256 of ``path``, remembered in <folder>/cache/sha256.json while its size, mtime and inode are
+    unchanged; ``rehash`` reads the file again whatever the cache says (and updates the cache)."""
     st = path.stat()
     key = [st.st_size, st.st_mtime_ns, st.st_ino]
     store = path.parent / "cache" / "sha256.json"
     table = _read_json(store)
     entry = table.get(path.name)
-    if entry and entry.get("stat") == key:
+    if entry and entry.get("stat") == key and not rehash:
         return entry["sha256"]
     digest = sha256_file(path)
     table[path.name] = {"stat": key, "sha256": digest}
@@ -266,7 +269,7 @@ def _fetch(url: str, part: Path, rf: RemoteFile, progress: bool, timeout: float)
 
 
 def verify(folder: str | Path, files: dict[str, RemoteFile] = FILES) -> dict[str, str]:
-    """file name -> "ok" | "missing" | a description of the problem, for every expected file."""
+    """file name -> "ok" | "missing" | a description of the problem, for every expected file (re-hashed)."""
     folder = Path(folder)
     status = {}
     for rf in files.values():
@@ -278,7 +281,7 @@ def verify(folder: str | Path, files: dict[str, RemoteFile] = FILES) -> dict[str
             )
         elif path.stat().st_size != rf.size:
             status[rf.name] = f"size {path.stat().st_size}, expected {rf.size}"
-        elif (digest := cached_sha256(path)) != rf.sha256:
+        elif (digest := cached_sha256(path, rehash=True)) != rf.sha256:
             status[rf.name] = f"sha256 {digest[:12]}…, expected {rf.sha256[:12]}…"
         else:
             status[rf.name] = "ok"
@@ -381,7 +384,7 @@ def cached_images(dat: Path, size: int, sha256: str, fix: str, progress: bool = 
 
 def _load_smallnorb(folder: Path, part: str, *, progress: bool = True, **options) -> Part:
     _no_options("smallnorb", options)
-    fix = f"download it with `python -m harness.data download smallnorb --root {folder}`"
+    fix = f"download it with `python -m harness.data download smallnorb --root {shlex.quote(str(folder))}`"
     if find_file(folder, part, "dat") is None:
         raise DataError(f"smallnorb is not in {folder}: {fix} (about 260 MB)")
     p = load_part(

@@ -1,4 +1,4 @@
-"""synthnorb: a procedural stand-in for smallNORB, rendered offline in minutes (DESIGN §5).
+"""synthnorb: a procedural stand-in for smallNORB, rendered offline in minutes (docs/smallnorb_format.md).
 
 Five categories of toy objects in smallNORB's order (animal, human, airplane, truck, car), ten seeded
 instances each (train 4,6,7,8,9; test 0,1,2,3,5), built from analytic primitives (ellipsoids, boxes,
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shlex
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -180,13 +181,21 @@ def read_manifest(folder: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def synth_command(folder: str | Path, options: dict | None = None) -> str:
+    """The command that renders ``folder`` (again), with the render options a manifest recorded."""
+    options = options or {}
+    order = ("seed", "image_size", "lightings", "elevations", "instances")  # the synth command's flags
+    flags = [f"--{key.replace('_', '-')} {options[key]}" for key in order if key in options]
+    return " ".join(["python -m harness.data synth --root", shlex.quote(str(folder)), *flags])
+
+
 # ---------------------------------------------------------------------------------------------
 # registration
 # ---------------------------------------------------------------------------------------------
 
 
 def verify(folder: str | Path) -> dict[str, str]:
-    """file name -> "ok" | "missing" | the problem, against the manifest written by synthesize()."""
+    """file name -> "ok" | "missing" | the problem, against the manifest synthesize() wrote (re-hashed)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
@@ -196,7 +205,7 @@ def verify(folder: str | Path) -> dict[str, str]:
         path = folder / name
         if not path.is_file():
             status[name] = "missing"
-        elif (got := sn.cached_sha256(path)) != digest:
+        elif (got := sn.cached_sha256(path, rehash=True)) != digest:
             status[name] = f"sha256 {got[:12]}…, expected {digest[:12]}… (from {MANIFEST})"
         else:
             status[name] = "ok"
@@ -205,14 +214,14 @@ def verify(folder: str | Path) -> dict[str, str]:
 
 def _load_synthnorb(folder: Path, part: str, *, progress: bool = True, **options) -> Part:
     sn._no_options("synthnorb", options)
-    fix = f"make it with `python -m harness.data synth --root {folder}`"
     manifest = read_manifest(folder)
-    if manifest is None or sn.find_file(folder, part, "dat") is None:
+    if manifest is None:
         raise DataError(
-            f"synthnorb is not in {folder}: {fix} "
+            f"synthnorb is not in {folder}: make it with `{synth_command(folder)}` "
             "(a few minutes; add --image-size 48 --lightings 1 for a quick small set)"
         )
-    p = sn.load_part(folder, part, fix=f"regenerate it: {fix}", expected=manifest["files"], progress=progress)
+    fix = f"regenerate it: `{synth_command(folder, manifest.get('options'))}`"
+    p = sn.load_part(folder, part, fix=fix, expected=manifest["files"], progress=progress)
     return Part(p.images, p.labels, p.meta, p.identity)
 
 

@@ -1,4 +1,4 @@
-"""Batched image preprocessing on the batch's device (the paper's smallNORB pipeline, DESIGN §5).
+"""Batched image preprocessing on the batch's device (the smallNORB pipeline of docs/smallnorb_format.md).
 
 Everything takes a uint8 or float batch N×C×H×W and runs as a handful of tensor ops, so augmentation
 keeps up with a GPU. Random choices come from an optional ``torch.Generator`` living on the batch's

@@ -1,7 +1,7 @@
 // Fused EM routing on the CPU (models/em_cpu.py builds and calls this): votes, routing and the backward
 // of one routing unit at a time, in per-thread buffers that stay in cache.
 //
-// The math is models/em_fast_routing.py's (DESIGN §4 on votes centred on each parent's mean vote); tests
+// The math is models/em_fast_routing.py's (docs/em_routing.md on votes centred on each parent's mean vote); tests
 // hold the two together with models/em_routing.py in float64 and float32, values and gradients. A unit is
 // the set of routing groups whose assignments compete: one group (receptive field) under patch
 // competition, the L positions of one image under global competition. child_of (L·I) names the child
