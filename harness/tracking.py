@@ -560,8 +560,11 @@ def share_runs_view(experiment_id: str, summary_metrics: list[str] = ()) -> None
         "selectedColumns": columns,
     }
     c = client()
-    c.set_experiment_tag(experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
-    c.set_experiment_tag(experiment_id, RUNS_VIEW_TAG, json.dumps(view))
+    for key, value in (("mlflow.experimentKind", EXPERIMENT_KIND), (RUNS_VIEW_TAG, json.dumps(view))):
+        try:
+            c.set_experiment_tag(experiment_id, key, value)
+        except mlflow.exceptions.MlflowException:  # another machine inserted the tag at the same moment
+            c.set_experiment_tag(experiment_id, key, value)
 
 
 def ui_links(host: str = UI_HOST, port: int = UI_PORT) -> list[tuple[str, str]]:

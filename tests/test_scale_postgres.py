@@ -205,6 +205,15 @@ def test_machines_opening_a_fresh_database_at_once_create_optunas_tables_once(fr
     optuna.create_study(study_name="check", storage=fresh_db)  # the tables are whole
 
 
+def test_machines_tagging_a_new_experiment_at_once_all_succeed(monkeypatch):
+    # MLflow's server races on a new experiment tag (UniqueViolation "experiment_tag_pk"); parents set two
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", MLFLOW_URI)
+    experiment = tracking.experiment_id(f"tags_{uuid.uuid4().hex[:8]}")
+    errors = open_at_once(tracking.share_runs_view, experiment)
+    assert errors == []
+    assert tracking.RUNS_VIEW_TAG in tracking.client().get_experiment(experiment).tags
+
+
 def test_two_machines_starting_together_share_the_budget(shared, capsys):
     write, url, tmp = shared
     study_file = write(epochs=2)
