@@ -8,7 +8,7 @@ ARGS   ?=
 
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup test test-slow lint bench demo study report ui clean
+.PHONY: setup setup-scale test test-slow test-scale lint bench demo study report ui clean
 
 setup: $(STAMP)  ## create .venv and install capsbench (editable) with its dev extra
 
@@ -18,11 +18,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+setup-scale: $(VENV)/.installed-scale  ## setup + the PostgreSQL driver for many machines (README "Scaling out")
+
+$(VENV)/.installed-scale: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,scale]'
+	touch $@
+
 test: setup  ## the default test suite (no slow tests)
 	$(PY) -m pytest -q
 
 test-slow: setup  ## only the slow tests
 	$(PY) -m pytest -q -m slow
+
+test-scale: setup-scale  ## the many-machines tests against throw-away PostgreSQL + MLflow servers
+	bash .ci/with-scale-servers $(PY) -m pytest -q -m postgres
 
 lint: setup
 	$(PY) -m ruff check .

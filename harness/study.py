@@ -2,7 +2,7 @@
 
     python -m harness.study demo                          # what `make study NAME=demo` runs
     python -m harness.study synthnorb_azimuth --workers 2 --set tune.n_trials=12
-    python -m harness.study smallnorb_azimuth --storage postgresql://user:pw@host/optuna   # many machines
+    python -m harness.study smallnorb_azimuth --storage postgresql+psycopg://user:pw@host/optuna  # machines
     python -m harness.study demo --status                 # which stages and trials are done, what is left
     python -m harness.study demo --check                  # validate the study file and exit
     python -m harness.study --list                        # the study files in studies/
@@ -33,9 +33,12 @@ reused; trials left RUNNING by a dead worker are failed and retried with the sam
 interrupted final training resumes from its last completed epoch.
 
 Scaling out: ``--workers N`` runs N local processes on each model's Optuna study. For many machines,
-point every machine at one Optuna RDB (``--storage postgresql://...``; Optuna's heartbeat fails trials of
-dead machines) and one MLflow server (``MLFLOW_TRACKING_URI=http://host:5000``), and start the same
-command on each; the study folder (state.json) is per machine, the trials are shared.
+point every machine at one Optuna RDB (``--storage postgresql+psycopg://...``, harness/study_storage.py)
+and one MLflow server (``MLFLOW_TRACKING_URI=http://host:5000``), and start the same command on each; the
+study folder (state.json) is per machine, the trials are shared. A worker whose share of the budget is
+taken waits for the trials other machines hold; a trial whose worker died (Optuna heartbeat older than
+``tune.grace_period``, or a gone pid on this host) is failed, its MLflow run ended FAILED (the dead
+machine's parent run KILLED), and its parameters queued again.
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ import multiprocessing
 import os
 import shlex
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -60,8 +62,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from harness import study_storage
 from harness.config import ConfigError, dumps_toml, flatten, load_toml
 from harness.progress import Progress
 from harness.study_config import (
@@ -79,7 +83,7 @@ from harness.study_config import (
 
 DEFAULT_ROOT = PROJECT_ROOT / "runs" / "studies"
 FIT = "harness.train:fit"  # what trials and final runs call; tests inject a fake with run_study(fit=...)
-COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+WAIT_POLL_S = 2  # a worker whose share of trials is done checks this often on the trials others hold
 
 # Optuna parameter name -> RunConfig key it sets
 PARAM_KEYS = {
@@ -232,28 +236,22 @@ def find_runs(experiment: str, tags: dict[str, str], statuses: tuple[str, ...] =
     return [r for r in runs if not statuses or r.info.status in statuses]
 
 
-def end_run(run_id: str, status: str) -> None:
-    from harness import tracking
-
-    tracking.TrackedRun(run_id, system_metrics=False).end(status)
-
-
 # ---------------------------------------------------------------------------------------------
 # tune: one Optuna study per model, N local workers, equal budgets
 # ---------------------------------------------------------------------------------------------
 
 
 def optuna_storage(study: Study):
+    """The study's journal file, or the shared RDB (``--storage``) with Optuna's heartbeat on."""
     if study.storage_url:
-        return optuna.storages.RDBStorage(
+        t = study.cfg.tune
+        return study_storage.rdb_storage(
             study.storage_url,
-            heartbeat_interval=60,
-            grace_period=300,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
+            heartbeat_interval=t.heartbeat_interval,
+            grace_period=t.grace_period,
+            on_stale=lambda ostudy, trial: close_dead_trial(study, ostudy, trial),
         )
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.storages.JournalStorage(JournalFileBackend(str(study.folder / "optuna.journal")))
+    return study_storage.journal_storage(str(study.folder / "optuna.journal"))
 
 
 def sampler_and_pruner(cfg: StudyConfig, worker: int):
@@ -312,15 +310,28 @@ def trial_run_config(study: Study, model: str, params: dict[str, Any]):
     return run
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def trial_counts(ostudy: optuna.Study) -> dict[str, int]:
+    """Trials by state (surplus asks left out); the budget counts complete + pruned."""
+    counts = {"complete": 0, "pruned": 0, "running": 0, "fail": 0, "waiting": 0}
+    for t in ostudy.get_trials(deepcopy=False):
+        if t.user_attrs.get("surplus"):
+            continue
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    return counts
 
 
-def budget_used(ostudy: optuna.Study, below: int | None = None) -> int:
-    """Trials that count against the budget: complete, pruned, running (and, below a number, waiting)."""
-    states = COUNTED if below is None else (*COUNTED, optuna.trial.TrialState.WAITING)
+def claimed(ostudy: optuna.Study, below: int | None = None) -> int:
+    """Trials that hold a share of the budget: finished (complete, pruned), running or queued (waiting).
+
+    With ``below``, only those numbered below it: of two trials asked at once, the lower number wins.
+    """
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     trials = ostudy.get_trials(deepcopy=False, states=states)
     return sum(1 for t in trials if below is None or t.number < below)
+
+
+def n_finished(ostudy: optuna.Study) -> int:
+    return len(ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 def tune_worker(
@@ -349,7 +360,12 @@ def run_trials(
     parent_run_id: str,
     on_trial: Callable[[], None] | None = None,
 ) -> None:
-    """Ask, run and tell trials of ``model`` until complete + pruned + running trials reach the budget."""
+    """Ask, run and tell trials of ``model`` until complete + pruned trials reach the budget.
+
+    When every share of the budget is taken but trials of other workers (any machine) are still running,
+    this worker waits for them, checking every few seconds for dead ones: those are failed and their
+    parameters queued again (``fail_stale_trials``), and this worker runs the retry.
+    """
     cfg = study.cfg
     family = model_family(model)
     ostudy = load_optuna(study, model, worker)
@@ -358,11 +374,11 @@ def run_trials(
 
     def objective(trial: optuna.Trial) -> float:
         mine["number"] = trial.number
-        if budget_used(ostudy, below=trial.number) >= n_trials:
+        if claimed(ostudy, below=trial.number) >= n_trials:
             mine["surplus"] = True
             trial.set_user_attr("surplus", True)
             raise SurplusTrial(f"trial {trial.number} is over the budget of {n_trials}")
-        trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("worker", study_storage.worker_id())
         params = suggest(trial, family, cfg)
         run_cfg = trial_run_config(study, model, params)
         run_cfg.run_name = f"trial {trial.number} · {model}"  # how the MLflow runs table lists it
@@ -397,15 +413,25 @@ def run_trials(
             raise StudyError(f"trial {trial.number} of {model} logged no finite val_error")
         return min(values)
 
-    while budget_used(ostudy) < n_trials:
+    waiting_for: list[int] = []
+    while n_finished(ostudy) < n_trials:
+        if claimed(ostudy) >= n_trials and not _queued(ostudy):
+            if fail_stale_trials(study, ostudy):
+                continue  # their retries are queued now
+            held = [t.number for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+            if held != waiting_for:
+                waiting_for = held
+                study.log(f"tune: {model}: waiting for trial(s) {held} of other workers")
+            if on_trial is not None:
+                on_trial()
+            time.sleep(WAIT_POLL_S)
+            continue
         mine.clear()
         ostudy.optimize(
             objective, n_trials=1, catch=(Exception,), gc_after_trial=False, show_progress_bar=False
         )
-        if mine.get("surplus"):
-            break  # other workers used up the budget meanwhile
-        if "number" in mine and ostudy.get_trials(deepcopy=False)[mine["number"]].state.name == "FAIL":
-            failures += 1
+        if "number" in mine and not mine.get("surplus"):
+            failures += ostudy.get_trials(deepcopy=False)[mine["number"]].state == TrialState.FAIL
         if on_trial is not None:
             on_trial()
         if failures > cfg.tune.max_failed:
@@ -416,46 +442,35 @@ def run_trials(
             )
 
 
+def _queued(ostudy: optuna.Study) -> int:
+    return len(ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
 def fail_stale_trials(study: Study, ostudy: optuna.Study) -> list[int]:
-    """RUNNING trials whose worker process on this host is gone: FAILED (Optuna and MLflow), then retried."""
-    import psutil
-
-    host = socket.gethostname()
-    stale = []
-    for t in ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        w_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if w_host == host and pid.isdigit() and psutil.pid_exists(int(pid)) and int(pid) != os.getpid():
-            continue  # a live worker on this machine
-        if w_host and w_host != host:
-            continue  # another machine's worker: RDB storage's heartbeat handles those
-        ostudy.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-        stale.append(t.number)
-        for r in find_runs(
-            study.cfg.experiment,
-            {
-                "capsbench.study": study.cfg.name,
-                "optuna.study": ostudy.study_name,
-                "optuna.trial": str(t.number),
-            },
-            ("RUNNING",),
-        ):
-            end_run(r.info.run_id, "FAILED")
-        if t.params and budget_used(ostudy) + _waiting(ostudy) < study.cfg.tune.n_trials:
-            ostudy.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-    return stale
+    """Fail the RUNNING trials whose worker died (study_storage.dead_trials) and retry each; -> numbers."""
+    return study_storage.fail_dead_trials(ostudy, lambda o, t: close_dead_trial(study, o, t))
 
 
-def _waiting(ostudy: optuna.Study) -> int:
-    return len(ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+def close_dead_trial(study: Study, ostudy: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """After a dead worker's trial was failed: its MLflow run FAILED, its parent run KILLED when that run's
+    owner is gone too, and its parameters queued for a retry while the budget has room."""
+    from harness import tracking
 
-
-def trial_counts(ostudy: optuna.Study) -> dict[str, int]:
-    counts = {"complete": 0, "pruned": 0, "running": 0, "fail": 0, "waiting": 0}
-    for t in ostudy.get_trials(deepcopy=False):
-        if t.user_attrs.get("surplus"):
-            continue
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
-    return counts
+    cfg = study.cfg
+    tags = {"capsbench.study": cfg.name, "optuna.study": ostudy.study_name, "optuna.trial": str(trial.number)}
+    for run_tags in tracking.end_running_runs(cfg.experiment, tags, "FAILED"):
+        parent_id = run_tags.get("mlflow.parentRunId")
+        parent_tags = tracking.running_run_tags(parent_id) if parent_id else None
+        # its owner is gone: on this host when its process is; on another host nothing can be checked, but
+        # a trial it held stopped its heartbeat (a live owner that lost a worker ends its parent run itself)
+        if parent_tags is not None and tracking.owner_alive(parent_tags) is not True:
+            tracking.mark_owner_gone(parent_id, parent_tags)
+    retried = claimed(ostudy) < cfg.tune.n_trials and study_storage.enqueue_retry(ostudy, trial)
+    worker = trial.user_attrs.get("worker", "an unknown worker")
+    study.log(
+        f"tune: trial {trial.number} of {ostudy.study_name} ({worker}) is dead: failed"
+        + (", queued again with the same parameters" if retried else "")
+    )
 
 
 def run_workers(study: Study, models: list[str], parent) -> None:
@@ -476,7 +491,7 @@ def run_workers(study: Study, models: list[str], parent) -> None:
             running = [
                 f"{m}#{t.number}"
                 for m, o in ostudies.items()
-                for t in o.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                for t in o.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             ]
             note += f"; running {', '.join(running) or '-'}"
         bar.set(sum(done.values()), note)
@@ -601,11 +616,7 @@ def stage_tune(study: Study, parent) -> None:
         best.update({m: {} for m in pending})
         pending = []
     for model in pending:
-        stale = fail_stale_trials(study, load_optuna(study, model))
-        if stale:
-            study.log(
-                f"tune: {model} trials {stale} were left RUNNING by a dead worker; failed, queued for retry"
-            )
+        fail_stale_trials(study, load_optuna(study, model))  # logs each trial it fails
     if pending:
         study.log(f"tune: {', '.join(pending)}: {cfg.tune.n_trials} trials each, {study.workers} worker(s)")
         run_workers(study, pending, parent)
@@ -948,21 +959,6 @@ def runner_active(root: Path, name: str) -> bool:
     return False
 
 
-def dead_trials(ostudy: optuna.Study) -> list[int]:
-    """RUNNING trials whose worker process on this machine is gone (what the next run fails and retries);
-    other machines' trials are left to the RDB storage's heartbeat."""
-    import psutil
-
-    host, dead = socket.gethostname(), []
-    for t in ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        w_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if t.user_attrs.get("surplus") or (w_host and w_host != host):
-            continue
-        if not (pid.isdigit() and psutil.pid_exists(int(pid))):
-            dead.append(t.number)
-    return dead
-
-
 def dead_run_lines(study: str) -> list[str]:
     """Marks the study's MLflow runs left RUNNING by a process that is gone (KILLED) and says which."""
     from harness import tracking
@@ -993,19 +989,26 @@ def status_text(cfg: StudyConfig, root: Path = DEFAULT_ROOT, storage: str | None
     for model in cfg.models:
         try:
             ostudy = optuna.load_study(study_name=f"{cfg.name}.{model}", storage=optuna_storage(study))
-            c = trial_counts(ostudy)
-            c["dead"] = len(dead_trials(ostudy))
-            c["running"] -= c["dead"]
         except KeyError:  # not created yet
-            c = {}
+            ostudy = None
+        c = trial_counts(ostudy) if ostudy else {}
+        dead = study_storage.dead_trials(ostudy) if ostudy else []
         tuned = "tuned" if model in state["best_params"] else "tuning"
         run = state["final_runs"].get(model, "-")
-        dead = f"{c['dead']} dead (failed and retried on the next run), " if c.get("dead") else ""
+        dead_note = (
+            f"{len(dead)} dead (a waiting worker or the next run fails and retries them), " if dead else ""
+        )
         lines.append(
             f"  {model}: {tuned} {c.get('complete', 0)} complete, {c.get('pruned', 0)} pruned, "
-            f"{c.get('running', 0)} running, {dead}{c.get('fail', 0)} failed of {cfg.tune.n_trials}; "
-            f"final run {run}"
+            f"{c.get('running', 0) - len(dead)} running, {dead_note}{c.get('fail', 0)} failed "
+            f"of {cfg.tune.n_trials}; final run {run}"
         )
+        for t in dead:
+            worker = t.user_attrs.get("worker", "an unknown worker")
+            lines.append(
+                f"    dead: trial {t.number} of {worker} (process gone or no heartbeat within "
+                "tune.grace_period)"
+            )
     lines += dead_run_lines(cfg.name)
     matched = folder / "viewpoint" / "matched.md"
     if matched.is_file():
@@ -1076,8 +1079,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage",
         metavar="URL",
-        help="Optuna RDB URL (e.g. postgresql://...) shared by machines; "
-        "default: a journal file in the study folder",
+        help="Optuna RDB URL shared by machines, e.g. postgresql+psycopg://user:pw@host/optuna (driver: "
+        "pip install -e '.[scale]'); default: a journal file in the study folder",
     )
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where study folders live")
     p.add_argument("--fresh", action="store_true", help="delete the study folder and start over")
@@ -1101,7 +1104,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: name a study, e.g. `python -m harness.study demo` (--list shows them)", file=sys.stderr)
         return 2
     from harness.data import DataError
-    from harness.tracking import TrackingError
+    from harness.study_storage import StorageError
+    from harness.tracking import TrackingError, tracking_uri
     from harness.train import TrainingError
 
     try:
@@ -1112,6 +1116,10 @@ def main(argv: list[str] | None = None) -> int:
             check_runs(cfg)
             print(dumps_toml(to_toml_dict(cfg)), end="")
             return 0
+        # a missing driver or an unreachable database fails here, before anything is created
+        study_storage.check_tracking_uri(tracking_uri())
+        if args.storage:
+            study_storage.check_storage(args.storage)
         if args.status:
             print(status_text(cfg, args.root, args.storage))
             return 0
@@ -1123,7 +1131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(status_text(cfg, args.root, args.storage))
         print(f"study {cfg.name} finished in {time.perf_counter() - t0:.0f}s (folder {study.folder})")
         print(links_text(study))
-    except (ConfigError, StudyError, DataError, TrackingError, TrainingError) as e:
+    except (ConfigError, StudyError, StorageError, DataError, TrackingError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:

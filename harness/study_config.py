@@ -85,6 +85,10 @@ class TuneConfig:
     n_startup_trials: int = 5  # random trials before TPE, and completed trials before pruning starts
     n_warmup_epochs: int = 1  # MedianPruner: never prune before this many epochs
     max_failed: int = 3  # stop tuning a model after this many failed trials in one invocation
+    # shared RDB storage (--storage): every running trial records a heartbeat this often (seconds); one
+    # silent for grace_period is failed and retried with the same parameters by any other worker
+    heartbeat_interval: int = 60
+    grace_period: int = 300
     capsule: CapsuleSpace = field(default_factory=CapsuleSpace)
     cnn: CNNSpace = field(default_factory=CNNSpace)
 
@@ -235,12 +239,17 @@ def to_toml_dict(cfg: StudyConfig) -> dict[str, Any]:
 def fingerprint(cfg: StudyConfig) -> dict[str, Any]:
     """The settings finished trials and trainings depend on; a rerun must not change them."""
     d = to_dict(cfg)
+    for key in LIVENESS_KEYS:  # how dead workers are detected changes no result
+        d["tune"].pop(key)
     return flatten({k: d[k] for k in ("models", "run", "per_model", "synthnorb", "tune", "seeds")})
 
 
 def study_seeds(cfg: StudyConfig) -> list[int]:
     """The final runs' training seeds: ``seeds``, else the single ``run.train.seed``."""
     return list(cfg.seeds) or [cfg.run.train.seed]
+
+
+LIVENESS_KEYS = ("heartbeat_interval", "grace_period")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +293,11 @@ def validate(cfg: StudyConfig) -> None:
     for key in ("n_trials", "epochs", "limit_train", "n_startup_trials", "n_warmup_epochs", "max_failed"):
         if getattr(t, key) < 0:
             raise ConfigError(f"tune.{key} must be >= 0, got {getattr(t, key)}")
+    if t.heartbeat_interval < 1 or t.grace_period <= t.heartbeat_interval:
+        raise ConfigError(
+            f"tune.heartbeat_interval ({t.heartbeat_interval}) must be >= 1 and tune.grace_period "
+            f"({t.grace_period}) larger than it, e.g. heartbeat_interval = 60, grace_period = 300"
+        )
     if cfg.run.train.epochs < 1:
         raise ConfigError(f"run.train.epochs must be >= 1, got {cfg.run.train.epochs}")
     for space_name in ("capsule", "cnn"):

@@ -525,6 +525,7 @@ def mark_dead_study_runs(study: str) -> list[str]:
             marked.append(row["run_id"])
     return marked
 
+
 # ---------------------------------------------------------------------------------------------
 # the MLflow UI: links that open an experiment's runs table
 # ---------------------------------------------------------------------------------------------
@@ -559,8 +560,11 @@ def share_runs_view(experiment_id: str, summary_metrics: list[str] = ()) -> None
         "selectedColumns": columns,
     }
     c = client()
-    c.set_experiment_tag(experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
-    c.set_experiment_tag(experiment_id, RUNS_VIEW_TAG, json.dumps(view))
+    for key, value in (("mlflow.experimentKind", EXPERIMENT_KIND), (RUNS_VIEW_TAG, json.dumps(view))):
+        try:
+            c.set_experiment_tag(experiment_id, key, value)
+        except mlflow.exceptions.MlflowException:  # another machine inserted the tag at the same moment
+            c.set_experiment_tag(experiment_id, key, value)
 
 
 def ui_links(host: str = UI_HOST, port: int = UI_PORT) -> list[tuple[str, str]]:
@@ -569,6 +573,33 @@ def ui_links(host: str = UI_HOST, port: int = UI_PORT) -> list[tuple[str, str]]:
     exps = c.search_experiments(order_by=["last_update_time DESC"])
     live = [e for e in exps if c.search_runs([e.experiment_id], max_results=1)]
     return [(e.name, ui_url(e.experiment_id, host=host, port=port)) for e in live]
+
+
+# ---------------------------------------------------------------------------------------------
+# runs a dead process left RUNNING (harness/study.py closes them when it fails that process's trials)
+# ---------------------------------------------------------------------------------------------
+
+
+def end_running_runs(experiment: str, tags: dict[str, str], status: str) -> list[dict[str, str]]:
+    """End every RUNNING run of ``experiment`` carrying all ``tags`` with ``status``; -> the tags of each."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = c.search_runs([exp.experiment_id], f"{query} and attributes.status = 'RUNNING'")
+    for run in runs:
+        c.set_terminated(run.info.run_id, status=status)
+    return [run.data.tags for run in runs]
+
+
+def running_run_tags(run_id: str) -> dict[str, str] | None:
+    """The tags of run ``run_id`` while it is RUNNING; None when it ended or does not exist."""
+    try:
+        run = client().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return dict(run.data.tags) if run.info.status == "RUNNING" else None
 
 
 # ---------------------------------------------------------------------------------------------

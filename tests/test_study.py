@@ -315,7 +315,7 @@ def test_killed_study_resumes_without_losing_or_duplicating_anything(env, monkey
     dead = ts[killed_trial.number]
     assert dead.state.name == "FAIL"
     retry = [t for t in ts if t.user_attrs.get("retry_of") == killed_trial.number]
-    assert len(retry) == 1 and retry[0].params == killed_trial.params and retry[0].state.name != "FAIL"
+    assert len(retry) == 1 and retry[0].params == dead.params and retry[0].state.name != "FAIL"
     runs = study_runs("tiny")
     dead_runs = [
         r

@@ -86,7 +86,8 @@ def test_status_does_not_count_dead_trials_as_running_and_marks_dead_runs(env, c
     out = capsys.readouterr().out
     assert "  tune       interrupted (rerun to resume)" in out
     assert (
-        "  cnn_small: tuning 0 complete, 0 pruned, 1 running, 1 dead (failed and retried on the next run), "
+        "  cnn_small: tuning 0 complete, 0 pruned, 1 running, 1 dead (a waiting worker or the next run fails "
+        "and retries them), "
         "0 failed of 3" in out
     ), out
     assert f"1 run(s) left RUNNING by a process that is gone, now marked KILLED: {dead_run[:8]}" in out
