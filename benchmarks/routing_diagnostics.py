@@ -1,6 +1,6 @@
 """What EM routing does iteration by iteration: why a third iteration hurts em_capsnet_small.
 
-    python benchmarks/routing_diagnostics.py                      # default vs paper recipe, ~2 minutes on 2 cores
+    python benchmarks/routing_diagnostics.py                  # default vs paper recipe, ~2 min on 2 cores
     python benchmarks/routing_diagnostics.py --steps 300 --recipes paper default --iters 2 3
 
 For each recipe, a net is trained for ``--steps`` Adam steps on Fashion-MNIST (batch 32, spread loss,
@@ -126,7 +126,8 @@ def main(argv=None) -> None:
             T = len(model.class_caps.inverse_temperatures)
             print(f"\n{recipe} recipe, trained with {T} iterations for {args.steps} steps")
             print(
-                f"{'layer':12s} {'t':>2s} {'entropy':>8s} {'max_R':>6s} {'floor':>6s} {'act_std':>8s} {'acc':>6s}"
+                f"{'layer':12s} {'t':>2s} {'entropy':>8s} {'max_R':>6s} {'floor':>6s} {'act_std':>8s} "
+                f"{'acc':>6s}"
             )
             for name, (poses, acts) in layer_inputs(model, x).items():
                 layer = model.get_submodule(name)
@@ -140,7 +141,8 @@ def main(argv=None) -> None:
                         f"{(logits.argmax(1) == y).float().mean().item():6.3f}" if logits is not None else ""
                     )
                     print(
-                        f"{name:12s} {t:2d} {stats['entropy']:8.3f} {stats['max_R']:6.3f} {stats['floor']:6.3f} "
+                        f"{name:12s} {t:2d} {stats['entropy']:8.3f} {stats['max_R']:6.3f} "
+                        f"{stats['floor']:6.3f} "
                         f"{stats['act_std']:8.4f} {acc:>6s}" + ("  (beyond training)" if t > T else "")
                     )
 

@@ -1,17 +1,18 @@
-"""The learning benchmark: how well, and how fast, each model learns on fixed subsets of real and synthetic data.
+"""The learning benchmark: how well, and how fast, each model learns on fixed subsets of real and synthetic
+data.
 
-    python -m harness.bench learn                                   # the small configuration (below)
+    python -m harness.bench learn                 # caps vs CNN: 10,000 images of each dataset, 3 epochs
     python -m harness.bench learn --data fashion_mnist --train-images 0 --epochs 10
     python -m harness.bench learn --entry caps=em_capsnet_small \\
         --entry caps_paper=em_capsnet_small,recipe=paper --entry cnn=cnn_small
 
 Every entry (``LABEL=MODEL[,key=value...]``: ``recipe=paper`` is short for ``model.args.recipe="paper"``,
-the capsule nets' paper settings; any other ``key=value`` is a ``--set`` override for that entry alone) is trained on every dataset with the
-same subset, epochs and seed by the common runner (``harness.train.fit``), one MLflow run each in the
-experiment ``learnbench`` (tag ``capsbench.kind=learnbench``). The benchmark prints a table of test error
-after every epoch and the training seconds, and writes ``results.csv``, ``results.md`` and
-``learning_curves.png`` (test error against epoch and against training seconds, capsules in blues and
-CNNs in oranges) into ``--out``.
+the capsule nets' paper settings; any other ``key=value`` is a ``--set`` override for that entry alone) is
+trained on every dataset with the same subset, epochs and seed by the common runner (``harness.train.fit``),
+one MLflow run each in the experiment ``learnbench`` (tag ``capsbench.kind=learnbench``). The benchmark
+prints a table of test error after every epoch and the training seconds, and writes ``results.csv``,
+``results.md`` and ``learning_curves.png`` (test error against epoch and against training seconds,
+capsules in blues and CNNs in oranges) into ``--out``.
 
 Subsets are fixed: the first ``--train-images`` of a seeded permutation of the training files, the first
 ``--test-images`` of the test files' (the runner's ``data.limit_train`` / ``data.limit_test``); validation
@@ -36,7 +37,10 @@ import models
 from harness.config import ConfigError, RunConfig, apply_overrides
 from harness.data import DataError
 
-DEFAULT_ENTRIES = ["caps=em_capsnet_small", "cnn=cnn_small,optim.lr=0.001"]  # each family at its best measured lr
+DEFAULT_ENTRIES = [
+    "caps=em_capsnet_small",
+    "cnn=cnn_small,optim.lr=0.001",
+]  # each family at its best measured lr
 DEFAULT_DATA = ["fashion_mnist", "synthnorb"]
 EXPERIMENT = "learnbench"
 SYNTHNORB_FOLDER = "synthnorb-48px-2light"  # shared with studies/synthnorb_azimuth.toml
@@ -70,7 +74,7 @@ class Entry:
 
 
 def entry_config(entry: Entry, data: str, args: argparse.Namespace) -> RunConfig:
-    """The run configuration of one entry on one dataset: recipe, then the benchmark's settings, then --set."""
+    """An entry's run configuration on a dataset: the benchmark's settings, then --set, then the entry's."""
     common = [
         f"model.name={entry.model!r}",
         f"data.name={data!r}",

@@ -52,8 +52,8 @@ class SynthnorbConfig:
 
 @dataclass
 class CapsuleSpace:
-    """Search space for capsule models: the inverse-temperature (λ) and margin schedules, and the learning rate
-    (CNNs tune theirs too, so both families search the optimiser's step size with the same budget)."""
+    """Search space for capsule models: the inverse-temperature (λ) and margin schedules, and the learning
+    rate (CNNs tune theirs too, so both families search the optimiser's step size with the same budget)."""
 
     # "linear" (λ = 1, 2, 3) saturates the class activations unless cost_norm = "zscore" (the seed article
     # pairs the two): add it together with run.model.args.cost_norm = "zscore"

@@ -1,9 +1,9 @@
-"""Capsule nets that learn: checks that fail on a net that barely trains (the state before the capsbench recipe).
+"""Capsule nets that learn: checks that fail on a net that barely trains (as before the capsbench recipe).
 
 - the default em_capsnet_small overfits 256 Fashion-MNIST images within a bounded number of steps, and the
   paper recipe (same steps) does not, so the check tells the two apart;
-- at initialisation every parameter gets a finite, non-zero gradient, the hidden capsule layers' activations
-  carry information (not all ≈ 0.5), and the class logits neither saturate nor collapse;
+- at initialisation every parameter gets a finite, non-zero gradient of a usable size, and the class logits
+  neither saturate nor collapse;
 - the paper's settings stay one spelling away (``recipe="paper"``) and unknown recipes are refused.
 """
 
@@ -66,15 +66,6 @@ def test_paper_recipe_does_not_overfit_as_fast(fashion_256):
     assert error > 0.25
 
 
-def hidden_activations(model, x) -> dict[str, torch.Tensor]:
-    acts = {}
-    for name in ("conv_caps1", "conv_caps2"):
-        layer = getattr(model, name)
-        layer.register_forward_hook(lambda m, i, o, name=name: acts.__setitem__(name, o[1].detach()))
-    model(x)
-    return acts
-
-
 def test_gradients_reach_every_parameter_at_init():
     model = fashion_net()
     x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
@@ -86,14 +77,6 @@ def test_gradients_reach_every_parameter_at_init():
         # Adam rescales per parameter, but a gradient 1e6 times below its weights' scale would still stall
         scale = max(p.detach().abs().mean().item(), 1e-2)
         assert g.abs().mean() / scale > 1e-6, f"{name}: gradient {g.abs().mean():.2e} vs weights {scale:.2e}"
-
-
-def test_hidden_capsules_carry_information_at_init():
-    """Activations of the routed layers vary across capsules: not every capsule at sigmoid(0) = 0.5."""
-    model = fashion_net()
-    acts = hidden_activations(model, torch.rand(8, 1, 28, 28))
-    for name, a in acts.items():
-        assert a.std() > 0.02, f"{name} activations are all ~{a.mean():.3f} (std {a.std():.4f})"
 
 
 def test_class_logits_neither_saturate_nor_collapse_at_init():

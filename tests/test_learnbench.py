@@ -22,7 +22,9 @@ needs_fashion = pytest.mark.skipif(
 
 
 def test_entries_parse_overrides_and_the_paper_recipe():
-    e = learnbench.Entry.parse("p=em_capsnet_small,recipe=paper,model.args.beta_a_init=[-1.0, 2.0],optim.lr=0.01")
+    e = learnbench.Entry.parse(
+        "p=em_capsnet_small,recipe=paper,model.args.beta_a_init=[-1.0, 2.0],optim.lr=0.01"
+    )
     assert (e.label, e.model) == ("p", "em_capsnet_small")
     assert e.overrides == ["model.args.recipe='paper'", "model.args.beta_a_init=[-1.0, 2.0]", "optim.lr=0.01"]
     for bad in ("caps", "=cnn_small", "caps="):
@@ -38,7 +40,9 @@ def test_a_bad_entry_is_refused_before_any_run(capsys):
 
 def test_table_and_figure(tmp_path):
     rows = [
-        dict(data=d, entry=e, family=f, epoch=k, test_error=err, train_seconds=10.0 * k, model="m", settings="")
+        dict(
+            data=d, entry=e, family=f, epoch=k, test_error=err, train_seconds=10.0 * k, model="m", settings=""
+        )
         for d in ("fashion_mnist", "synthnorb")
         for e, f, base in (("caps", "capsule", 0.3), ("cnn", "cnn", 0.2))
         for k, err in ((1, base), (2, base - 0.05))
