@@ -37,10 +37,8 @@ import models
 from harness.config import ConfigError, RunConfig, apply_overrides
 from harness.data import DataError
 
-DEFAULT_ENTRIES = [
-    "caps=em_capsnet_small",
-    "cnn=cnn_small,optim.lr=0.001",
-]  # each family at its best measured lr
+# each family at its best measured learning rate (docs/capsule_recipe.md)
+DEFAULT_ENTRIES = ["caps=em_capsnet_small", "cnn=cnn_small,optim.lr=0.001"]
 DEFAULT_DATA = ["fashion_mnist", "synthnorb"]
 EXPERIMENT = "learnbench"
 SYNTHNORB_FOLDER = "synthnorb-48px-2light"  # shared with studies/synthnorb_azimuth.toml
@@ -115,7 +113,7 @@ def ensure_data(name: str) -> None:
 
 def run_entry(entry: Entry, data: str, args: argparse.Namespace) -> list[dict]:
     """Train one entry on one dataset; one row per epoch (test error, cumulative training seconds)."""
-    from harness import train  # imports torch and mlflow: only when a run starts
+    from harness import train  # imports mlflow: only once a run starts
 
     cfg = entry_config(entry, data, args)
     result = train.fit(cfg, tags={"capsbench.kind": "learnbench", "capsbench.learnbench.entry": entry.label})
