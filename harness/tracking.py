@@ -417,7 +417,7 @@ def log_attack_results(
 
 
 # ---------------------------------------------------------------------------------------------
-# run ids and run owners (issue 14: a dead run is seen as dead, a run id may be a unique prefix)
+# run ids and run owners: a dead run is seen as dead, a run id may be a unique prefix
 # ---------------------------------------------------------------------------------------------
 
 OWNER_HOST = "capsbench.owner.host"

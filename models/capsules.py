@@ -143,9 +143,10 @@ class _RoutingLayer(nn.Module):
         weight_shape: tuple[int, ...],
         parents: int,
         inverse_temperatures: Sequence[float],
-        cost_norm: str,
-        var_floor: float,
-        routing: str,
+        *,
+        cost_norm: str = "none",
+        var_floor: float = DEFAULT_VAR_FLOOR,
+        routing: str = "fast",
         weight_init: str = "normal",
         weight_std: float = 0.5,
         beta_a_init: Sequence[float] = (0.0, 0.0),
@@ -205,25 +206,10 @@ class ConvCaps(_RoutingLayer):
         inverse_temperatures: Sequence[float],
         *,
         competition: str = "global",
-        cost_norm: str = "none",
-        var_floor: float = DEFAULT_VAR_FLOOR,
-        routing: str = "fast",
-        weight_init: str = "normal",
-        weight_std: float = 0.5,
-        beta_a_init: Sequence[float] = (0.0, 0.0),
-        beta_a_units: str = "cost",
+        **routing_options,  # cost_norm, var_floor, routing, weight_init, ... (see _RoutingLayer)
     ):
         super().__init__(
-            (kernel * kernel * in_types, out_types, 4, 4),
-            out_types,
-            inverse_temperatures,
-            cost_norm,
-            var_floor,
-            routing,
-            weight_init,
-            weight_std,
-            beta_a_init,
-            beta_a_units,
+            (kernel * kernel * in_types, out_types, 4, 4), out_types, inverse_temperatures, **routing_options
         )
         self.in_types, self.out_types, self.kernel, self.stride = in_types, out_types, kernel, stride
         self.competition = _choice(Competition, competition, "competition").value
@@ -291,26 +277,9 @@ class ClassCaps(_RoutingLayer):
         centres: Sequence[float],
         *,
         coord_add: bool = True,
-        cost_norm: str = "none",
-        var_floor: float = DEFAULT_VAR_FLOOR,
-        routing: str = "fast",
-        weight_init: str = "normal",
-        weight_std: float = 0.5,
-        beta_a_init: Sequence[float] = (0.0, 0.0),
-        beta_a_units: str = "cost",
+        **routing_options,  # cost_norm, var_floor, routing, weight_init, ... (see _RoutingLayer)
     ):
-        super().__init__(
-            (in_types, num_classes, 4, 4),
-            num_classes,
-            inverse_temperatures,
-            cost_norm,
-            var_floor,
-            routing,
-            weight_init,
-            weight_std,
-            beta_a_init,
-            beta_a_units,
-        )
+        super().__init__((in_types, num_classes, 4, 4), num_classes, inverse_temperatures, **routing_options)
         self.in_types, self.num_classes, self.coord_add = in_types, num_classes, bool(coord_add)
         self.register_buffer("centres", torch.as_tensor(centres, dtype=torch.float32), persistent=False)
 
