@@ -62,15 +62,16 @@ def plan(synthnorb_root: str) -> list[dict]:
         ("default", {}),
         ("paper", PAPER),
         ("iters3", dict(routing_iters=3)),
-        ("no_bn", dict(conv1_norm="none")),
+        ("conv1_bn", dict(conv1_norm="batch")),
         ("normal_init", dict(weight_init="normal", weight_std=0.5)),
         ("scaled_cost", dict(cost_norm="scaled", beta_a_init=[-1000.0, 500.0])),
         ("iters3_scaled", dict(routing_iters=3, cost_norm="scaled", beta_a_init=[-1000.0, 500.0])),
     ]
     jobs = [job(f"10k_{name}", model_args=args) for name, args in caps]
-    jobs += [job("10k_lr1e-3", lr=1e-3), job("10k_batch64", batch_size=64), job("10k_cnn", model="cnn_small")]
+    jobs += [job("10k_lr1e-3", lr=1e-3), job("10k_batch64", batch_size=64)]
+    jobs += [job("10k_cnn", model="cnn_small", lr=1e-3)]
     full = dict(device="cuda", train_images=0, epochs=10)
-    jobs += [job("full_caps", **full), job("full_cnn", model="cnn_small", **full)]
+    jobs += [job("full_caps", **full), job("full_cnn", model="cnn_small", lr=1e-3, **full)]
     jobs += [job("full_caps_paper", model_args=PAPER, **full)]
     norb = dict(
         model="em_capsnet", device="cuda", dataset="synthnorb", train_images=0, epochs=30, root=synthnorb_root
