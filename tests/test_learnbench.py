@@ -64,7 +64,7 @@ def test_small_configuration_stays_within_its_record(tmp_path, monkeypatch):
     record = json.loads(RECORD.read_text())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("CAPSBENCH_DATA", str(tmp_path / "data"))
-    argv = record["command"].split()[3:]  # after "python -m harness.bench learn"
+    argv = record["command"].split()[4:]  # after "python -m harness.bench learn"
     assert learnbench.main([*argv, "--out", str(tmp_path / "out")]) == 0
     got = pd.read_csv(tmp_path / "out" / "results.csv")
     for want in record["rows"]:
