@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pandas as pd
 
-import models
 from harness.config import ConfigError, RunConfig, apply_overrides
 from harness.data import DataError
+from harness.study_config import model_family
 
 # each family at its best measured learning rate (docs/capsule_recipe.md)
 DEFAULT_ENTRIES = ["caps=em_capsnet_small", "cnn=cnn_small,optim.lr=0.001"]
@@ -117,7 +117,7 @@ def run_entry(entry: Entry, data: str, args: argparse.Namespace) -> list[dict]:
 
     cfg = entry_config(entry, data, args)
     result = train.fit(cfg, tags={"capsbench.kind": "learnbench", "capsbench.learnbench.entry": entry.label})
-    family = models.create_model(cfg.model.name).family
+    family = model_family(cfg.model.name)
     rows, seconds = [], 0.0
     for h in result.history:
         seconds += h["epoch_train_seconds"]
@@ -147,9 +147,9 @@ def error_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    rows = [table.columns, *table.itertuples(index=False)]
-    lines = ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join([lines[0], "|" + "---|" * len(table.columns), *lines[1:]])
+    from harness.report import render_markdown  # the report's table renderer
+
+    return render_markdown([("table", table)]).rstrip("\n")
 
 
 def learning_curves(df: pd.DataFrame):

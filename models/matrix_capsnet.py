@@ -13,6 +13,8 @@ sigmoid rather than recovered from a_j, so they never saturate and attacks alway
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import torch
 import torch.nn as nn
 
@@ -20,6 +22,11 @@ from models import register_model
 from models.capsules import ClassCaps, Competition, ConvCaps, PrimaryCaps, Routing, conv_out_size
 from models.em_routing import DEFAULT_VAR_FLOOR, CostNorm, _choice, inverse_temperatures
 from models.normalization import PerImageStandardize
+
+
+class Conv1Norm(StrEnum):
+    NONE = "none"  # the paper: ReLU(Conv1(x))
+    BATCH = "batch"  # ReLU(BatchNorm(Conv1(x))), Conv1 without bias
 
 
 class MatrixCapsNet(nn.Module):
@@ -70,8 +77,9 @@ class MatrixCapsNet(nn.Module):
         self.num_classes, self.input_size, self.in_channels = num_classes, input_size, in_channels
         self.inverse_temperatures = lambdas
         self.normalize = PerImageStandardize()
-        self.conv1 = nn.Conv2d(in_channels, A, 5, stride=2, bias=conv1_norm == "none")  # BatchNorm has one
-        self.conv1_norm = _conv1_norm(conv1_norm, A)
+        batch_norm = _choice(Conv1Norm, conv1_norm, "conv1_norm") is Conv1Norm.BATCH
+        self.conv1 = nn.Conv2d(in_channels, A, 5, stride=2, bias=not batch_norm)  # BatchNorm has a bias
+        self.conv1_norm = nn.BatchNorm2d(A) if batch_norm else nn.Identity()
         self.primary_caps = PrimaryCaps(A, B)
         routing_args = dict(
             cost_norm=cost_norm,
@@ -109,14 +117,6 @@ class MatrixCapsNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits N×classes: the class activations before their sigmoid."""
         return self._class_capsules(x, return_logits=True)[1]
-
-
-def _conv1_norm(kind: str, channels: int) -> nn.Module:
-    if kind == "none":
-        return nn.Identity()
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    raise ValueError(f"unknown conv1_norm {kind!r}: use 'none' or 'batch'")
 
 
 # Training recipes: constructor settings that differ from MatrixCapsNet's own (the paper's) defaults.

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from trust_support import temp_store
 
 from harness import losses, tracking, train
 from harness.config import RunConfig, apply_overrides
@@ -31,13 +32,7 @@ def synth_root(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def store(tmp_path_factory):
     """One temporary store per module (a new MLflow database costs seconds); one experiment per test."""
-    path = tmp_path_factory.mktemp("mlflow")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
-        yield path
-    torch.set_num_threads(threads)
+    yield from temp_store(tmp_path_factory)
 
 
 @pytest.fixture
