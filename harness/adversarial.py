@@ -42,6 +42,9 @@ import torchattacks
 from torchattacks.attack import Attack
 from tqdm.auto import tqdm
 
+from harness.errors import CapsbenchError
+from models.choices import parse_choice
+
 EPS_UNITS = (
     "L-inf budget in [0,1] pixel units of the model input "
     "(after the dataset's fixed preprocessing, before the model's own normalisation)"
@@ -49,7 +52,7 @@ EPS_UNITS = (
 TABLE_COLUMNS = ["attack", "loss", "mode", "eps", "accuracy", "targeted_success", "n_examples"]
 
 
-class AttackError(ValueError):
+class AttackError(CapsbenchError, ValueError):
     """Arguments of an attack evaluation that make no sense (one line: the problem and the fix)."""
 
 
@@ -76,12 +79,7 @@ def parse_names(values: str | Iterable[str], vocab: type[enum.StrEnum], what: st
         v = str(v).strip().lower()
         if not v:
             continue
-        try:
-            member = vocab(v)
-        except ValueError:
-            raise AttackError(
-                f"unknown {what} {v!r}: choose from {', '.join(m.value for m in vocab)}"
-            ) from None
+        member = parse_choice(vocab, v, what, AttackError)
         if member not in out:
             out.append(member)
     if not out:

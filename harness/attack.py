@@ -48,7 +48,8 @@ from harness.adversarial import (  # noqa: E402
     parse_names,
 )
 from harness.config import RunConfig  # noqa: E402
-from harness.device import DeviceError, resolve_device  # noqa: E402
+from harness.device import resolve_device  # noqa: E402
+from harness.errors import cli_errors  # noqa: E402
 
 DEFAULT_EPS = (0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 ARTIFACT_DIR = "attack"
@@ -132,10 +133,7 @@ def attack_run(
     """
     attacks = parse_names(attacks, AttackName, "attack")
     eps = parse_eps(eps)
-    try:
-        dev = resolve_device(device)
-    except DeviceError as e:
-        raise AttackError(str(e)) from None
+    dev = resolve_device(device)
     model, cfg = tracking.load_model(run_id, which, device=str(dev))
     x, y, where = load_examples(cfg, n_examples, seed)
     report = evaluate_attacks(
@@ -171,24 +169,25 @@ def attack_run(
 
 def study_final_runs(study: str) -> list[tuple[str, str]]:
     """(run_id, model name) of a study's final models (tags capsbench.study=NAME, capsbench.role=final)."""
-    runs = tracking.search_study_runs(study)
-    role = "tags.capsbench.role"
-    if runs.empty or role not in runs:
+    if not tracking.study_runs(study):
         raise AttackError(f"study {study!r} has no runs in {tracking.tracking_uri()}; run the study first")
-    final = runs[runs[role] == "final"]
-    if final.empty:
+    final = tracking.find_runs({"capsbench.study": study, "capsbench.role": "final"})
+    if not final:
         raise AttackError(
             f"study {study!r} has no final runs yet (capsbench.role=final); run its train stage"
         )
-    unfinished = final[final["status"] != "FINISHED"] if "status" in final else final.iloc[:0]
-    for run_id, status in zip(unfinished["run_id"], unfinished.get("status", [])):
-        print(f"note: skipping final run {run_id} of study {study!r}: status {status}", file=sys.stderr)
-    final = final.drop(unfinished.index)
-    if final.empty:
+    for run in final:
+        if run.status != "FINISHED":
+            print(
+                f"note: skipping final run {run.run_id} of study {study!r}: status {run.status}",
+                file=sys.stderr,
+            )
+    finished = [r for r in final if r.status == "FINISHED"]
+    if not finished:
         raise AttackError(f"study {study!r} has no FINISHED final runs; finish (or --resume) its trainings")
-    model_col = "tags.capsbench.model"
-    names = final[model_col] if model_col in final else pd.Series([""] * len(final), index=final.index)
-    return sorted(zip(final["run_id"], names.fillna("")), key=lambda r: (r[1], r[0]))
+    return sorted(
+        ((r.run_id, r.tags.get("capsbench.model", "")) for r in finished), key=lambda r: (r[1], r[0])
+    )
 
 
 def attack_study(study: str, **kwargs: Any) -> list[AttackReport]:
@@ -394,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     attacks = [a.value for a in AttackName if getattr(args, a.value)] or ["fgsm", "bim"]
@@ -401,10 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     which: str | int = int(args.which) if args.which.isdigit() else args.which
     if args.batch_size < 1 or args.steps < 1 or args.check_steps < 1 or args.check_examples < 1:
-        print(
-            "error: --batch-size, --steps, --check-steps and --check-examples must be >= 1", file=sys.stderr
-        )
-        return 2
+        raise AttackError("--batch-size, --steps, --check-steps and --check-examples must be >= 1")
     kwargs = dict(
         attacks=attacks,
         eps=args.eps,
@@ -422,17 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         log=not args.no_log,
         progress=not args.quiet,
     )
-    try:
-        runs = [(tracking.resolve_run_id(args.run_id), "")] if args.run_id else study_final_runs(args.study)
-        reports = []
-        for run_id, _ in runs:
-            out = Path(args.out) / run_id if args.out and len(runs) > 1 else args.out
-            report = attack_run(run_id, out_dir=out, **kwargs)
-            reports.append(report)
-            print(format_report(report), end="\n\n", flush=True)
-    except (AttackError, tracking.TrackingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    runs = [(tracking.resolve_run_id(args.run_id), "")] if args.run_id else study_final_runs(args.study)
+    reports = []
+    for run_id, _ in runs:
+        out = Path(args.out) / run_id if args.out and len(runs) > 1 else args.out
+        report = attack_run(run_id, out_dir=out, **kwargs)
+        reports.append(report)
+        print(format_report(report), end="\n\n", flush=True)
     if len(reports) > 1:
         print(f"study {args.study}: worst-case (over losses) untargeted accuracy by eps ({EPS_SHORT})")
         print(summary_table(reports).to_string(float_format="{:.3f}".format))

@@ -39,7 +39,9 @@ import torch
 from tqdm import tqdm
 
 import models
-from harness.device import autocast, describe, resolve_device
+from harness.config import check_model_name
+from harness.device import autocast, describe, resolve_device, synchronize
+from harness.errors import cli_errors
 from harness.losses import get_loss, resolve_loss_name
 from models import em_cpu
 
@@ -71,11 +73,6 @@ class BenchSpec:
         if self.routing is not None:
             kw.update(competition=self.competition, routing=self.routing.removesuffix("-torch"))
         return {**kw, **self.model_args}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -136,10 +133,10 @@ def _measure(spec: BenchSpec, progress: bool) -> dict:
         """(warm-up wall times, timed wall times, timed process CPU times) in seconds."""
         wall, cpu = [], []
         for _ in tqdm(range(n_warm + n_timed), desc=what, leave=False, disable=not progress):
-            _sync(device)
+            synchronize(device)
             t0, c0 = time.perf_counter(), time.process_time()
             step()
-            _sync(device)
+            synchronize(device)
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         return wall[:n_warm], wall[n_warm:], cpu[n_warm:]
@@ -250,7 +247,7 @@ def build_specs(args) -> list[BenchSpec]:
     specs = []
     for entry in args.models:
         name, _, batch = entry.partition("@")
-        models.check_model_name(name)
+        check_model_name(name, "--models")
         batches = [int(batch)] if batch else args.batch_sizes
         capsule = models.create_model(name).family == "capsule"
         for b in batches:
@@ -372,5 +369,12 @@ def main(argv=None) -> list[dict]:
     return records
 
 
+@cli_errors
+def cli(argv=None) -> int:
+    """The command: ``main`` with its one-line errors."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from harness.errors import CapsbenchError
+
 RECORD_KEYS = {"model_name", "model_kwargs", "state_dict", "epoch"}
 RESUME_KEYS = RECORD_KEYS | {"optimizer", "scheduler", "rng", "config", "history", "best", "train_seconds"}
 # resume.pt files written before RNG states were stored as lists hold the numpy MT19937 key as an array:
@@ -33,7 +35,7 @@ _NUMPY_CORE = getattr(np, "_core", None) or np.core
 _LEGACY_NUMPY_RNG = [np.ndarray, np.dtype, np.dtypes.UInt32DType, _NUMPY_CORE.multiarray._reconstruct]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CapsbenchError, RuntimeError):
     """A checkpoint file that cannot be used (damaged, truncated, not a capsbench checkpoint)."""
 
 

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.errors import CapsbenchError
 
-class ConfigError(ValueError):
+
+class ConfigError(CapsbenchError, ValueError):
     """A config file or override that does not fit the schema."""
 
 
@@ -114,9 +116,24 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def merge(cfg: Any, data: dict[str, Any], path: str = "") -> Any:
     """A copy of ``cfg`` with the (nested, partial) dict ``data`` applied on top."""
-    base = to_dict(cfg)
-    _deep_update(base, data)
-    return from_dict(type(cfg), base, path)
+    return from_dict(type(cfg), deep_merged(to_dict(cfg), data), path)
+
+
+def deep_merged(base: Any, new: Any) -> Any:
+    """``new`` laid over ``base``: nested dicts merge key by key, anything else in ``new`` wins."""
+    if not (isinstance(base, dict) and isinstance(new, dict)):
+        return new
+    return {**base, **{k: deep_merged(base.get(k), v) for k, v in new.items()}}
+
+
+def check_model_name(name: str, key: str = "model.name") -> None:
+    """A ConfigError naming the closest registered models when ``name`` is not one."""
+    import models
+
+    try:
+        models.check_model_name(name)
+    except models.UnknownModelError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -195,20 +212,6 @@ def dumps_toml(data: dict[str, Any]) -> str:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def _deep_update(base: dict, new: dict) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and not _is_free_table(base, k):
-            _deep_update(base[k], v)
-        elif isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = {**base[k], **v}  # free tables (model.args) merge key by key
-        else:
-            base[k] = v
-
-
-def _is_free_table(base: dict, key: str) -> bool:
-    return key == "args"
 
 
 def _type_name(tp: Any) -> str:

@@ -6,8 +6,10 @@ import contextlib
 
 import torch
 
+from harness.errors import CapsbenchError
 
-class DeviceError(ValueError):
+
+class DeviceError(CapsbenchError, ValueError):
     """A device name that is unknown or not available on this machine."""
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn  # noqa: E402
 
 from harness import data  # noqa: E402
 from harness.device import autocast  # noqa: E402
+from harness.viewpoint import azimuth_degrees, elevation_degrees  # noqa: E402
 
 
 @torch.inference_mode()
@@ -153,15 +154,15 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 def plot_viewpoint_heatmap(
     grid: pd.DataFrame, path: str | Path, title: str = "test error by viewpoint", view: str | None = None
 ) -> Path:
-    """Error per (elevation, azimuth) cell, axes in degrees (NORB codes: az x10, el 30 + 5k).
+    """Error per (elevation, azimuth) cell, axes in degrees.
 
     With ``view`` ("azimuth" | "elevation") the familiar (training) columns or rows are outlined in white.
     """
     values = grid.to_numpy(dtype=float)  # elevations × azimuths
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * grid.shape[1] + 2), max(3.0, 0.45 * grid.shape[0] + 1.5)))
     im = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=max(1e-9, float(np.nanmax(values))))
-    ax.set_xticks(range(grid.shape[1]), [f"{int(a) * 10}" for a in grid.columns], rotation=90)
-    ax.set_yticks(range(grid.shape[0]), [f"{30 + 5 * int(e)}" for e in grid.index])
+    ax.set_xticks(range(grid.shape[1]), [f"{azimuth_degrees(a)}" for a in grid.columns], rotation=90)
+    ax.set_yticks(range(grid.shape[0]), [f"{elevation_degrees(e)}" for e in grid.index])
     if view in data.FAMILIAR_CODES:
         column, codes = data.FAMILIAR_CODES[view]
         labels = grid.columns if column == "azimuth" else grid.index

@@ -35,6 +35,7 @@ import pandas as pd
 
 from harness.config import ConfigError, RunConfig, apply_overrides
 from harness.data import DataError
+from harness.errors import cli_errors
 from harness.study_config import model_family
 
 # each family at its best measured learning rate (docs/capsule_recipe.md)
@@ -217,6 +218,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -225,9 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         for entry in entries:  # every configuration is checked before the first run starts
             for data in args.data:
                 entry_config(entry, data, args)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a model option the constructor refuses
+        raise ConfigError(str(e)) from None
     command = " ".join(["python -m harness.bench learn", *argv])
     out = args.out or Path("runs/learnbench") / time.strftime("%Y%m%d-%H%M%S")
     rows: list[dict] = []
@@ -237,9 +238,6 @@ def main(argv: list[str] | None = None) -> int:
             for entry in entries:
                 print(f"== {entry.label} ({entry.model} {' '.join(entry.overrides)}) on {data}", flush=True)
                 rows += run_entry(entry, data, args)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if rows:
             df = pd.DataFrame(rows)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.config import LossConfig
+from models.choices import parse_choice
 
 
 class LossName(enum.StrEnum):
@@ -37,13 +38,6 @@ class MarginSchedule(enum.StrEnum):
     LINEAR = "linear"
     SIGMOID = "sigmoid"
     CONSTANT = "constant"
-
-
-def _enum(cls: type[enum.StrEnum], value: str, what: str) -> enum.StrEnum:
-    try:
-        return cls(value)
-    except ValueError:
-        raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(m.value for m in cls)}") from None
 
 
 def spread_loss(logits: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
@@ -62,15 +56,15 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, margin: float = 0.
 
 def resolve_loss_name(name: str, default_loss: str) -> LossName:
     """``"auto"`` -> the model's ``default_loss``; otherwise the named loss (checked)."""
-    loss = _enum(LossName, name, "loss")
+    loss = parse_choice(LossName, name, "loss")
     if loss is LossName.AUTO:
-        loss = _enum(LossName, default_loss, "model default_loss")
+        loss = parse_choice(LossName, default_loss, "model default_loss")
     return loss
 
 
 def get_loss(name: LossName | str):
     """The loss function ``f(logits, target, margin) -> scalar`` for a resolved loss name."""
-    loss = _enum(LossName, name, "loss")
+    loss = parse_choice(LossName, name, "loss")
     if loss is LossName.AUTO:
         raise ValueError("resolve 'auto' with resolve_loss_name(name, model.default_loss) first")
     return spread_loss if loss is LossName.SPREAD else cross_entropy
@@ -78,8 +72,8 @@ def get_loss(name: LossName | str):
 
 def check_loss_config(cfg: LossConfig) -> None:
     """Fail early, with the fix, on a schedule name or parameters that make no sense."""
-    _enum(LossName, cfg.name, "loss.name")
-    _enum(MarginSchedule, cfg.margin_schedule, "loss.margin_schedule")
+    parse_choice(LossName, cfg.name, "loss.name")
+    parse_choice(MarginSchedule, cfg.margin_schedule, "loss.margin_schedule")
     if not (0.0 <= cfg.margin_start <= 1.0 and 0.0 <= cfg.margin_end <= 1.0):
         raise ValueError(
             f"loss.margin_start={cfg.margin_start} and loss.margin_end={cfg.margin_end} must lie in [0, 1] "
@@ -91,7 +85,7 @@ def check_loss_config(cfg: LossConfig) -> None:
 
 def margin_at(cfg: LossConfig, progress: float) -> float:
     """Spread-loss margin after ``progress`` epochs of training (0 = the first step)."""
-    schedule = _enum(MarginSchedule, cfg.margin_schedule, "loss.margin_schedule")
+    schedule = parse_choice(MarginSchedule, cfg.margin_schedule, "loss.margin_schedule")
     start, end, ramp = cfg.margin_start, cfg.margin_end, cfg.margin_ramp_epochs
     if schedule is MarginSchedule.CONSTANT:
         return end

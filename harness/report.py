@@ -35,17 +35,16 @@ import pandas as pd
 
 from harness import report_figures as figs
 from harness import tracking
+from harness.adversarial import EPS_UNITS
+from harness.errors import cli_errors
 from harness.intervals import estimate
+from harness.paths import PROJECT_ROOT
 from harness.report_records import STAGES, ReportError, StudyRecords, collect, parse_attack_metrics  # noqa: F401
 from harness.report_summary import as_number, headline, parent_note, side_by_side, summary_metrics
+from harness.viewpoint import azimuth_degrees, elevation_degrees
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ATTACKS = ["fgsm", "bim", "pgd"]
 SUMMARY_ATTACKS = ["fgsm", "bim"]  # the paper's attacks; PGD is in the figures
-EPS_UNITS = (
-    "ε is in [0,1] pixel units of the model input "
-    "(after the dataset's fixed preprocessing, before the model's own normalisation)"
-)
 
 # The paper's headline numbers (Hinton, Sabour & Frosst 2018: smallNORB test error and parameter counts from
 # its Table 1, matched novel-viewpoint errors from §5.1, FGSM accuracy read off its Fig. 3); fractions.
@@ -287,8 +286,8 @@ def heatmap_grids(records: StudyRecords) -> dict[str, dict]:
         table = table.reindex(index=elevations, columns=azimuths)
         grids[f"{model} (epoch {int(epoch)})"] = {
             "error": table.to_numpy(dtype=float),
-            "elevations": [30 + 5 * int(e) for e in elevations],  # raw codes -> degrees
-            "azimuths": [10 * int(a) for a in azimuths],
+            "elevations": [elevation_degrees(e) for e in elevations],
+            "azimuths": [azimuth_degrees(a) for a in azimuths],
             "familiar": _familiar_grid(view, elevations, azimuths),
         }
     return grids
@@ -406,7 +405,8 @@ def notes(records: StudyRecords) -> list[str]:
             "Matched protocol: not recorded (stage `viewpoint` missing); familiar/novel columns are empty."
         )
     out.append(
-        f"Attacks: {EPS_UNITS}. Accuracy under attack = correct on the clean and the attacked image, "
+        f"Attacks: ε is the {EPS_UNITS}. Accuracy under attack = correct on the clean and the attacked "
+        "image, "
         "worst case over the attack losses (cross-entropy on logits and a CW-style margin loss); ε = 0 is "
         "the clean accuracy on the same images; targeted success is averaged over all target classes ≠ the "
         "true class."
@@ -755,6 +755,7 @@ def reports_root() -> Path:
     return Path(os.environ.get("CAPSBENCH_REPORTS") or PROJECT_ROOT / "reports")
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m harness.report",
@@ -775,11 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-log", action="store_true", help="do not log the report to the study's parent run"
     )
     args = parser.parse_args(argv)
-    try:
-        path = write_report(args.name, out_dir=args.out, log=not args.no_log)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = write_report(args.name, out_dir=args.out, log=not args.no_log)
     print(f"report: {path}")
     print(f"        {path.with_suffix('.md')}")
     return 0

@@ -9,15 +9,16 @@ docs/contracts.md "Tracking" and "Study records". Whatever a stage has not recor
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-import math
 import re
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 from harness import tracking
+from harness.errors import CapsbenchError
 
 STAGES = ["data", "tune", "train", "viewpoint", "attack"]  # the stages before `report`
 _ATTACK_METRIC = re.compile(
@@ -25,7 +26,7 @@ _ATTACK_METRIC = re.compile(
 )
 
 
-class ReportError(RuntimeError):
+class ReportError(CapsbenchError, RuntimeError):
     """A report that cannot be made at all (e.g. no runs for the study); one line, with the fix."""
 
 
@@ -99,30 +100,6 @@ def _empty_attacks() -> pd.DataFrame:
     return pd.DataFrame(columns=["model", "attack", "loss", "kind", "eps", "value"])
 
 
-def _prefixed(row: pd.Series, prefix: str) -> dict:
-    out = {}
-    for key, value in row.items():
-        if (
-            key.startswith(prefix)
-            and value is not None
-            and not (isinstance(value, float) and math.isnan(value))
-        ):
-            out[key[len(prefix) :]] = value
-    return out
-
-
-def _run_dict(row: pd.Series) -> dict:
-    return {
-        "run_id": row["run_id"],
-        "status": row.get("status", ""),
-        "experiment_id": row.get("experiment_id", ""),
-        "start_time": row.get("start_time"),
-        "params": _prefixed(row, "params."),
-        "metrics": _prefixed(row, "metrics."),
-        "tags": _prefixed(row, "tags."),
-    }
-
-
 def _parent_rank(run: dict) -> tuple:
     """Several parent runs share a study name when helper machines join its tuning (each keeps its own
     study folder) or a study was started afresh: report the one that got furthest, then the newest."""
@@ -181,39 +158,36 @@ def parse_attack_metrics(model: str, metrics: dict[str, float]) -> pd.DataFrame:
 
 def collect(name: str) -> StudyRecords:
     """Everything the report needs about study ``name``, read from MLflow; missing parts noted."""
-    runs = tracking.search_study_runs(name)
-    if runs.empty:
+    runs = [dataclasses.asdict(r) for r in tracking.study_runs(name)]  # newest first
+    if not runs:
         raise ReportError(
             f"no MLflow runs tagged capsbench.study={name!r} in {tracking.tracking_uri()}; "
             f"run `make study NAME={name}` first, or point MLFLOW_TRACKING_URI at the store that holds it"
         )
     missing: list[str] = []
-    kind = runs.get("tags.capsbench.kind", pd.Series("", index=runs.index)).fillna("")
-    parents = [_run_dict(row) for _, row in runs[kind == "study"].iterrows()]
+    parents = [r for r in runs if _kind(r) == "study"]
     parent = max(parents, key=_parent_rank) if parents else None
     if parent is None:
         missing.append("no parent run (capsbench.kind=study): tuning budget and matched protocol are unknown")
     else:  # keep only the runs of the newest parent, in case an older study of the same name exists
-        parent_ids = runs.get("tags.mlflow.parentRunId", pd.Series("", index=runs.index)).fillna("")
-        runs = runs[
-            (runs["run_id"] == parent["run_id"]) | (parent_ids == parent["run_id"]) | (parent_ids == "")
+        runs = [
+            r
+            for r in runs
+            if r is parent or r["tags"].get("mlflow.parentRunId", "") in ("", parent["run_id"])
         ]
-        kind = kind.loc[runs.index]
         done = {s for s in STAGES if parent["tags"].get(f"capsbench.stage.{s}") == "done"}
         for stage in STAGES:
             if stage not in done:
                 missing.append(f"stage `{stage}` has not finished")
 
-    role = runs.get("tags.capsbench.role", pd.Series("", index=runs.index)).fillna("")
-    finals = runs[(kind == "train") & (role == "final")].sort_values("start_time", ascending=False)
+    finals = [r for r in runs if _kind(r) == "train" and r["tags"].get("capsbench.role") == "final"]
     chosen = {
         k.split(".", 2)[2]: v
         for k, v in (parent or {}).get("tags", {}).items()
         if k.startswith("capsbench.final.")
     }
     picked: dict[tuple[str, str], dict] = {}  # (model, seed) -> its newest run, or the parent's chosen one
-    for _, row in finals.iterrows():
-        run = _run_dict(row)
+    for run in finals:
         model = run["tags"].get("capsbench.model") or run["params"].get("model.name", "?")
         key = (model, run["tags"].get("capsbench.seed", ""))
         if key not in picked or chosen.get(model) == run["run_id"]:
@@ -250,7 +224,7 @@ def collect(name: str) -> StudyRecords:
     elif all(m.attacks.empty for m in models):
         missing.append("no attack metrics on the final runs (stage `attack`)")
 
-    trials = _collect_trials(runs, kind, parent)
+    trials = _collect_trials(runs, parent)
     matched = cells = study_toml = seeds = None
     if parent is not None:
         text = tracking.read_artifact_text(parent["run_id"], "viewpoint/matched.json")
@@ -260,8 +234,11 @@ def collect(name: str) -> StudyRecords:
         study_toml = tracking.read_artifact_text(parent["run_id"], "study.toml")
         text = tracking.read_artifact_text(parent["run_id"], "viewpoint/seeds.json")
         seeds = json.loads(text) if text else None
-    tagged = runs.dropna(subset=[c for c in ("tags.capsbench.model", "tags.capsbench.family") if c in runs])
-    families = dict(zip(tagged.get("tags.capsbench.model", []), tagged.get("tags.capsbench.family", [])))
+    families = {
+        r["tags"]["capsbench.model"]: r["tags"]["capsbench.family"]
+        for r in reversed(runs)  # the newest run's family wins
+        if "capsbench.model" in r["tags"] and "capsbench.family" in r["tags"]
+    }
     return StudyRecords(
         name, parent, models, trials, matched, cells, study_toml, missing, families, replicates, seeds
     )
@@ -271,7 +248,11 @@ def _seed_order(seed: str) -> tuple:
     return (0, int(seed)) if seed.isdigit() else (1, seed)
 
 
-def _collect_trials(runs: pd.DataFrame, kind: pd.Series, parent: dict | None) -> pd.DataFrame:
+def _kind(run: dict) -> str:
+    return run["tags"].get("capsbench.kind", "")
+
+
+def _collect_trials(runs: list[dict], parent: dict | None) -> pd.DataFrame:
     """Optuna trials per model: the parent's ``tune/<model>_trials.csv`` artifacts, else the trial runs."""
     frames = []
     if parent is not None:
@@ -284,8 +265,7 @@ def _collect_trials(runs: pd.DataFrame, kind: pd.Series, parent: dict | None) ->
                 frames.append(frame)
     if not frames:  # fall back to the nested trial runs themselves
         rows = []
-        for _, row in runs[kind == "trial"].iterrows():
-            run = _run_dict(row)
+        for run in (r for r in runs if _kind(r) == "trial"):
             state = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}.get(
                 run["status"], run["status"]
             )

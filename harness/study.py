@@ -67,9 +67,10 @@ from tqdm.auto import tqdm
 
 from harness import study_storage
 from harness.config import ConfigError, dumps_toml, flatten, load_toml
+from harness.errors import CapsbenchError, cli_errors
+from harness.paths import PROJECT_ROOT
 from harness.progress import Progress
 from harness.study_config import (
-    PROJECT_ROOT,
     StudyConfig,
     fingerprint,
     list_studies,
@@ -100,8 +101,10 @@ PARAM_KEYS = {
 LOG_PARAMS = {"final_lambda", "lr", "weight_decay"}
 
 
-class StudyError(RuntimeError):
+class StudyError(CapsbenchError, RuntimeError):
     """A study that cannot go on; the message says what to do."""
+
+    exit_code = 1
 
 
 class SurplusTrial(Exception):
@@ -223,17 +226,6 @@ def open_parent_run(study: Study):
     run.log_text(dumps_toml(to_toml_dict(cfg)), "study.toml")
     study.update_state(parent_run_id=run.run_id)
     return run
-
-
-def find_runs(experiment: str, tags: dict[str, str], statuses: tuple[str, ...] = ()) -> list:
-    """MLflow runs of ``experiment`` carrying all ``tags`` (newest first), optionally by status."""
-    from harness import tracking
-
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = tracking.client().search_runs(
-        [tracking.experiment_id(experiment)], query, order_by=["start_time DESC"]
-    )
-    return [r for r in runs if not statuses or r.info.status in statuses]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,9 +667,9 @@ def stage_train(study: Study, parent) -> None:
             }
             # a final run of this parent that did not get recorded (killed mid-run, or just after it ended)
             keys = ("capsbench.study", "capsbench.role", "capsbench.model", "capsbench.seed")
-            earlier = find_runs(cfg.experiment, {k: tags[k] for k in keys})
-            earlier = [r for r in earlier if r.data.tags.get("mlflow.parentRunId") == parent.run_id]
-            resume = earlier[0].info.run_id if earlier else None
+            earlier = tracking.find_runs({k: tags[k] for k in keys}, experiment=cfg.experiment)
+            earlier = [r for r in earlier if r.parent_id == parent.run_id]
+            resume = earlier[0].run_id if earlier else None
             base = bar.done  # epochs of the runs before this one
             if resume:
                 try:
@@ -1095,6 +1087,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
@@ -1103,39 +1096,28 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name:
         print("error: name a study, e.g. `python -m harness.study demo` (--list shows them)", file=sys.stderr)
         return 2
-    from harness.data import DataError
-    from harness.study_storage import StorageError
-    from harness.tracking import TrackingError, tracking_uri
-    from harness.train import TrainingError
+    from harness.tracking import tracking_uri
 
-    try:
-        if args.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-        cfg = load_study(args.name, args.overrides)
-        if args.check:
-            check_runs(cfg)
-            print(dumps_toml(to_toml_dict(cfg)), end="")
-            return 0
-        # a missing driver or an unreachable database fails here, before anything is created
-        study_storage.check_tracking_uri(tracking_uri())
-        if args.storage:
-            study_storage.check_storage(args.storage)
-        if args.status:
-            print(status_text(cfg, args.root, args.storage))
-            return 0
-        t0 = time.perf_counter()
-        with single_runner(args.root, cfg.name):
-            study = run_study(
-                cfg, root=args.root, storage=args.storage, workers=args.workers, fresh=args.fresh
-            )
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    cfg = load_study(args.name, args.overrides)
+    if args.check:
+        check_runs(cfg)
+        print(dumps_toml(to_toml_dict(cfg)), end="")
+        return 0
+    # a missing driver or an unreachable database fails here, before anything is created
+    study_storage.check_tracking_uri(tracking_uri())
+    if args.storage:
+        study_storage.check_storage(args.storage)
+    if args.status:
         print(status_text(cfg, args.root, args.storage))
-        print(f"study {cfg.name} finished in {time.perf_counter() - t0:.0f}s (folder {study.folder})")
-        print(links_text(study))
-    except (ConfigError, StudyError, StorageError, DataError, TrackingError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
-    except KeyboardInterrupt:
-        return 130
+        return 0
+    t0 = time.perf_counter()
+    with single_runner(args.root, cfg.name):
+        study = run_study(cfg, root=args.root, storage=args.storage, workers=args.workers, fresh=args.fresh)
+    print(status_text(cfg, args.root, args.storage))
+    print(f"study {cfg.name} finished in {time.perf_counter() - t0:.0f}s (folder {study.folder})")
+    print(links_text(study))
     return 0
 
 

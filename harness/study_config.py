@@ -25,6 +25,8 @@ from typing import Any
 from harness.config import (
     ConfigError,
     RunConfig,
+    check_model_name,
+    deep_merged,
     flatten,
     from_dict,
     load_toml,
@@ -32,11 +34,9 @@ from harness.config import (
     overrides_to_dict,
     to_dict,
 )
+from harness.paths import STUDIES_DIR
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-STUDIES_DIR = PROJECT_ROOT / "studies"
 STAGES = ("data", "tune", "train", "viewpoint", "attack", "report")
-VIEWS = ("none", "azimuth", "elevation")
 FAMILIES = ("capsule", "cnn")
 
 
@@ -178,14 +178,8 @@ def run_shorthand(data: dict[str, Any]) -> dict[str, Any]:
     data = dict(data)
     moved = {k: data.pop(k) for k in RUN_SECTIONS if k in data}
     if moved:
-        data["run"] = _deep_merged(data.get("run", {}), moved)
+        data["run"] = deep_merged(data.get("run", {}), moved)
     return data
-
-
-def _deep_merged(base: Any, new: Any) -> Any:
-    if not (isinstance(base, dict) and isinstance(new, dict)):
-        return new
-    return {**base, **{k: _deep_merged(base.get(k), v) for k, v in new.items()}}
 
 
 def resolve_data_root(root: str) -> str:
@@ -257,18 +251,14 @@ LIVENESS_KEYS = ("heartbeat_interval", "grace_period")
 
 def validate(cfg: StudyConfig) -> None:
     """Raise ConfigError (one line: problem and fix) for anything that would fail later."""
-    from harness.data import list_datasets
-    from models import check_model_name
+    from harness.data import VIEWS, list_datasets
 
     if not cfg.models:
         raise ConfigError("models is empty; list at least one registered model, e.g. models = ['cnn_small']")
     if len(set(cfg.models)) != len(cfg.models):
         raise ConfigError(f"models lists a model twice: {cfg.models}; list each model once")
     for m in cfg.models:
-        try:
-            check_model_name(m)
-        except KeyError as e:
-            raise ConfigError(f"models: {e}") from None
+        check_model_name(m, "models")
     for m in cfg.per_model:
         if m not in cfg.models:
             raise ConfigError(f"[per_model.{m}] names a model that is not in models = {cfg.models}")

@@ -24,12 +24,16 @@ from contextlib import contextmanager
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from harness.errors import CapsbenchError
+
 MAX_RETRIES = 2  # a dead worker's trial is retried at most this often (its parameters may be what kills it)
 SETUP_HINT = "install it with `pip install -e '.[scale]'` (or `make setup-scale`)"
 
 
-class StorageError(RuntimeError):
+class StorageError(CapsbenchError, RuntimeError):
     """An Optuna storage that cannot be used; the message names the fix."""
+
+    exit_code = 1
 
 
 def redact(url: str) -> str:

@@ -29,8 +29,12 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from harness.errors import CapsbenchError
+from harness.paths import PROJECT_ROOT
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -41,15 +45,14 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from harness import checkpoint  # noqa: E402
 from harness.config import RunConfig, dumps_toml, from_dict, to_dict  # noqa: E402
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_DIR = "checkpoints"
 RESUME_FILE = f"{CHECKPOINT_DIR}/resume.pt"
 RESUME_PREVIOUS_FILE = f"{CHECKPOINT_DIR}/resume_previous.pt"  # the epoch before (local stores)
 CONFIG_FILE = "config.toml"
-_BATCH = 900  # MLflow accepts at most 1000 metrics / 100 params per log_batch
+_BATCH = {"metrics": 900, "params": 90, "tags": 90}  # MLflow takes at most 1000 metrics, 100 params/tags
 
 
-class TrackingError(RuntimeError):
+class TrackingError(CapsbenchError, RuntimeError):
     """A run, artifact or store that cannot be used as asked."""
 
 
@@ -127,20 +130,13 @@ class TrackedRun:
     # -- logging ------------------------------------------------------------------------------
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        items = [RunTag(k, _text(v)) for k, v in tags.items()]
-        for i in range(0, len(items), 90):
-            self.client.log_batch(self.run_id, tags=items[i : i + 90])
+        _log_batches(self.client, self.run_id, tags=[RunTag(k, _text(v)) for k, v in tags.items()])
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(k, _text(v)) for k, v in params.items()]
-        for i in range(0, len(items), 90):
-            self.client.log_batch(self.run_id, params=items[i : i + 90])
+        _log_batches(self.client, self.run_id, params=[Param(k, _text(v)) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+        _log_batches(self.client, self.run_id, metrics=_metrics(metrics, step or 0))
 
     def log_config(self, cfg: RunConfig) -> None:
         self.log_text(dumps_toml(to_dict(cfg)), CONFIG_FILE)
@@ -185,9 +181,6 @@ class TrackedRun:
                 pass
             self._monitor = None
         self.client.set_terminated(self.run_id, status=status)
-
-    def url(self) -> str:
-        return f"experiment {self.experiment_id}, run {self.run_id}"
 
 
 def start_run(
@@ -355,11 +348,61 @@ EPOCH_METRICS = ("train_loss", "train_error", "val_error", "test_error", "test_f
                  "test_novel_error", "margin", "lr", "samples_per_s", "epoch_seconds")  # fmt: skip
 
 
-def search_study_runs(study: str):
-    """Every live run tagged ``capsbench.study=<study>``, in any experiment (mlflow.search_runs DataFrame)."""
-    client()  # sets the fluent API's URI
-    name = study.replace("\\", "\\\\").replace("'", "\\'")
-    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`capsbench.study` = '{name}'")
+@dataclass(frozen=True)
+class RunRecord:
+    """What the harness reads about one run, in plain values (no MLflow objects leave this module)."""
+
+    run_id: str
+    status: str  # RUNNING | FINISHED | FAILED | KILLED
+    experiment_id: str
+    start_time: int  # milliseconds since the epoch
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest value of each
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def parent_id(self) -> str:
+        """The parent run's id ("" for a top-level run)."""
+        return self.tags.get("mlflow.parentRunId", "")
+
+
+def run_filter(tags: dict[str, str], status: str | None = None) -> str:
+    """The MLflow filter string for runs carrying every tag in ``tags`` (and ``status``), values escaped."""
+    terms = [f"tags.`{k}` = '{_quoted(v)}'" for k, v in tags.items()]
+    if status:
+        terms.append(f"attributes.status = '{_quoted(status)}'")
+    return " and ".join(terms)
+
+
+def find_runs(
+    tags: dict[str, str], *, experiment: str | None = None, statuses: tuple[str, ...] = ()
+) -> list[RunRecord]:
+    """Live runs carrying every tag in ``tags`` (in ``experiment``, else in any), newest first, optionally
+    only those whose status is in ``statuses``."""
+    c = client()
+    if experiment is None:
+        ids = [e.experiment_id for e in c.search_experiments()]
+    else:
+        exp = c.get_experiment_by_name(experiment)
+        ids = [exp.experiment_id] if exp is not None else []
+    if not ids:
+        return []
+    runs = c.search_runs(ids, run_filter(tags), max_results=50_000, order_by=["start_time DESC"])
+    records = [_record(r) for r in runs]
+    return [r for r in records if not statuses or r.status in statuses]
+
+
+def study_runs(study: str) -> list[RunRecord]:
+    """Every live run tagged ``capsbench.study=<study>``, in any experiment, newest first."""
+    return find_runs({"capsbench.study": study})
+
+
+def get_run(run_id: str) -> RunRecord:
+    """One run's record; a TrackingError naming the store when it does not exist."""
+    try:
+        return _record(client().get_run(run_id))
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
 
 
 def metric_histories(run_id: str, keys=EPOCH_METRICS):
@@ -408,11 +451,8 @@ def log_attack_results(
         c.get_run(run_id)
     except mlflow.exceptions.MlflowException as e:
         raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-    for i in range(0, len(items), _BATCH):
-        c.log_batch(run_id, metrics=items[i : i + _BATCH])
-    c.log_batch(run_id, tags=[RunTag(k, _text(v)[:8000]) for k, v in tags.items()])
+    _log_batches(c, run_id, metrics=_metrics(metrics, 0))
+    _log_batches(c, run_id, tags=[RunTag(k, _text(v)[:8000]) for k, v in tags.items()])
     c.log_artifacts(run_id, str(local_dir), artifact_path)
 
 
@@ -433,7 +473,7 @@ def resolve_run_id(run_id: str) -> str:
         raise TrackingError(f"run id {run_id!r} is not a (prefix of a) 32-character hex MLflow run id")
     c = client()
     experiments = [e.experiment_id for e in c.search_experiments()]
-    found = [r.info.run_id for r in c.search_runs(experiments, f"attributes.run_id LIKE '{text}%'")]
+    found = [r.info.run_id for r in c.search_runs(experiments, f"attributes.run_id LIKE '{_quoted(text)}%'")]
     if len(found) == 1:
         return found[0]
     if not found:
@@ -510,19 +550,14 @@ def claim_run(run_id: str, *, force: bool = False) -> str | None:
 def mark_dead_study_runs(study: str) -> list[str]:
     """Mark the RUNNING runs of a study whose owner process is gone (see ``mark_owner_gone``); their ids."""
     try:
-        runs = search_study_runs(study)
+        runs = find_runs({"capsbench.study": study}, statuses=("RUNNING",))
     except mlflow.exceptions.MlflowException as e:
         raise TrackingError(f"cannot read the runs of study {study!r} from {tracking_uri()} ({e})") from None
-    if runs.empty:
-        return []
     marked = []
-    for _, row in runs[runs["status"] == "RUNNING"].iterrows():
-        tags = {
-            k.removeprefix("tags."): v for k, v in row.items() if k.startswith("tags.") and isinstance(v, str)
-        }
-        if owner_alive(tags) is False:
-            mark_owner_gone(row["run_id"], tags)
-            marked.append(row["run_id"])
+    for run in runs:
+        if owner_alive(run.tags) is False:
+            mark_owner_gone(run.run_id, run.tags)
+            marked.append(run.run_id)
     return marked
 
 
@@ -586,8 +621,7 @@ def end_running_runs(experiment: str, tags: dict[str, str], status: str) -> list
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = c.search_runs([exp.experiment_id], f"{query} and attributes.status = 'RUNNING'")
+    runs = c.search_runs([exp.experiment_id], run_filter(tags, status="RUNNING"))
     for run in runs:
         c.set_terminated(run.info.run_id, status=status)
     return [run.data.tags for run in runs]
@@ -648,6 +682,36 @@ def _system_monitor(run_id: str, resumed: bool):
     except Exception as e:  # never fail a training for the sampler
         print(f"note: system metrics are off for this run ({e})", file=sys.stderr)
         return None
+
+
+def _record(run) -> RunRecord:
+    info, data = run.info, run.data
+    return RunRecord(
+        run_id=info.run_id,
+        status=info.status,
+        experiment_id=info.experiment_id,
+        start_time=int(info.start_time or 0),
+        params=dict(data.params),
+        metrics=dict(data.metrics),
+        tags=dict(data.tags),
+    )
+
+
+def _log_batches(c: MlflowClient, run_id: str, **items: list) -> None:
+    """``log_batch`` in chunks MLflow accepts (``items``: metrics=, params= or tags= lists)."""
+    for kind, values in items.items():
+        for i in range(0, len(values), _BATCH[kind]):
+            c.log_batch(run_id, **{kind: values[i : i + _BATCH[kind]]})
+
+
+def _metrics(metrics: dict[str, float | None], step: int) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+
+
+def _quoted(value: str) -> str:
+    """A value inside '...' of an MLflow filter string."""
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _local_path(uri: str) -> Path | None:

@@ -40,10 +40,18 @@ from tqdm.auto import tqdm
 
 import models
 from harness import checkpoint, data, evaluate, losses, tracking
-from harness.config import ConfigError, RunConfig, apply_overrides, flatten, load_config, to_dict
-from harness.device import DeviceError, autocast, describe, resolve_device, synchronize
+from harness.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    check_model_name,
+    flatten,
+    load_config,
+    to_dict,
+)
+from harness.device import autocast, describe, resolve_device, synchronize
+from harness.errors import CapsbenchError, cli_errors
 
-VIEWS = ("none", "azimuth", "elevation")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 PRECISIONS = ("fp32", "bf16")
 # what --resume may change: the schedule from the next epoch on, and how the run executes (not what it
@@ -55,8 +63,10 @@ RESUME_CHANGEABLE = RESUME_APPLIED + (
 )  # fmt: skip
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CapsbenchError, RuntimeError):
     """A training that cannot go on; ``run_id`` names its MLflow run (resumable with --resume)."""
+
+    exit_code = 1
 
     def __init__(self, message: str, run_id: str | None = None):
         super().__init__(message)
@@ -199,9 +209,9 @@ def fit(
 
 def check_config(cfg: RunConfig) -> None:
     """Reject bad settings before anything is built or logged (one line each, with the fix)."""
-    models.check_model_name(cfg.model.name)
-    if cfg.data.view not in VIEWS:
-        raise ConfigError(f"data.view={cfg.data.view!r}: use one of {', '.join(VIEWS)}")
+    check_model_name(cfg.model.name)
+    if cfg.data.view not in data.VIEWS:
+        raise ConfigError(f"data.view={cfg.data.view!r}: use one of {', '.join(data.VIEWS)}")
     if cfg.optim.optimizer not in OPTIMIZERS:
         raise ConfigError(f"optim.optimizer={cfg.optim.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
     if cfg.train.precision not in PRECISIONS:
@@ -436,7 +446,7 @@ def _open_run(cfg, model, ds, device, state, resume_run_id, parent_run_id, tags,
     system = cfg.train.system_metrics
     identity = json.dumps(_data_identity(ds), sort_keys=True)
     if state is not None:
-        recorded = tracking.client().get_run(resume_run_id).data.tags.get("data.identity", identity)
+        recorded = tracking.get_run(resume_run_id).tags.get("data.identity", identity)
         if recorded != identity:
             raise ConfigError(
                 f"data.root={cfg.data.root or '(default)'} holds other {cfg.data.name} files than run "
@@ -624,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=key(f"registered model: {', '.join(models.list_models())}", "model.name"))
     p.add_argument("--data", help=key("registered dataset (harness.data.list_datasets())", "data.name"))
     p.add_argument(
-        "--view", choices=VIEWS, help=key("novel-viewpoint split of NORB-format data", "data.view")
+        "--view", choices=data.VIEWS, help=key("novel-viewpoint split of NORB-format data", "data.view")
     )
     p.add_argument("--epochs", type=int, help=key("number of epochs", "train.epochs"))
     p.add_argument("--batch-size", type=int, help=key("training batch size", "data.batch_size"))
@@ -707,39 +717,31 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(RunConfig, args.config, flags + args.overrides)
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.force and not args.resume:
-            raise ConfigError("--force applies to --resume only; drop it")
-        if args.resume:
-            args.resume = tracking.resolve_run_id(args.resume)
-        if args.parent_run_id:
-            args.parent_run_id = tracking.resolve_run_id(args.parent_run_id)
-        cfg = config_from_args(args)
-        if args.print_config:
-            from harness.config import dumps_toml
+    if args.force and not args.resume:
+        raise ConfigError("--force applies to --resume only; drop it")
+    if args.resume:
+        args.resume = tracking.resolve_run_id(args.resume)
+    if args.parent_run_id:
+        args.parent_run_id = tracking.resolve_run_id(args.parent_run_id)
+    cfg = config_from_args(args)
+    if args.print_config:
+        from harness.config import dumps_toml
 
-            print(dumps_toml(to_dict(cfg)), end="")
-            return 0
-        tags = dict(t.split("=", 1) for t in args.tag if "=" in t)
-        if len(tags) != len(args.tag):
-            raise ConfigError("--tag must look like KEY=VALUE")
-        fit(
-            cfg,
-            parent_run_id=args.parent_run_id,
-            tags=tags,
-            resume_run_id=args.resume,
-            force_resume=args.force,
-        )
-    except (ConfigError, models.UnknownModelError, data.DataError, DeviceError, tracking.TrackingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        print(dumps_toml(to_dict(cfg)), end="")
+        return 0
+    tags = dict(t.split("=", 1) for t in args.tag if "=" in t)
+    if len(tags) != len(args.tag):
+        raise ConfigError("--tag must look like KEY=VALUE")
+    fit(
+        cfg,
+        parent_run_id=args.parent_run_id,
+        tags=tags,
+        resume_run_id=args.resume,
+        force_resume=args.force,
+    )
     return 0
 
 

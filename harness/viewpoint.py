@@ -40,6 +40,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.errors import CapsbenchError
 from harness.intervals import Estimate, estimate
 
 RULE = (
@@ -49,7 +50,17 @@ RULE = (
 )
 
 
-class ViewpointError(ValueError):
+def azimuth_degrees(code: int) -> int:
+    """A NORB azimuth code (0, 2, ..., 34) in degrees."""
+    return 10 * int(code)
+
+
+def elevation_degrees(code: int) -> int:
+    """A NORB elevation code (0..8) in degrees."""
+    return 30 + 5 * int(code)
+
+
+class ViewpointError(CapsbenchError, ValueError):
     """Histories that cannot be matched (no familiar-view errors, unknown reference, ...)."""
 
 

@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import em_fast
-from models.em_routing import DEFAULT_VAR_FLOOR, CostNorm, _choice, em_routing, group_softmax, routing_dtype
+from models.choices import parse_choice
+from models.em_routing import DEFAULT_VAR_FLOOR, CostNorm, em_routing, group_softmax, routing_dtype
 
 
 class Competition(StrEnum):
@@ -123,7 +124,7 @@ class WeightInit(StrEnum):
 
 def init_transforms(shape: tuple[int, ...], init: str, std: float) -> torch.Tensor:
     """Transformation matrices (..., 4, 4) drawn as ``init`` says."""
-    init = _choice(WeightInit, init, "weight_init")
+    init = parse_choice(WeightInit, init, "weight_init")
     w = torch.randn(*shape) * std
     if init is WeightInit.IDENTITY:
         w += torch.eye(4)
@@ -153,16 +154,16 @@ class _RoutingLayer(nn.Module):
         beta_a_units: str = "cost",
     ):
         super().__init__()
-        self.beta_a_units = _choice(BetaUnits, beta_a_units, "beta_a_units").value
+        self.beta_a_units = parse_choice(BetaUnits, beta_a_units, "beta_a_units").value
         self.weight = nn.Parameter(init_transforms(weight_shape, weight_init, weight_std))
         self.beta_u = nn.Parameter(torch.zeros(parents))
         mean, std = beta_a_init
         beta_a = torch.full((parents,), float(mean))
         self.beta_a = nn.Parameter(beta_a + std * torch.randn(parents) if std else beta_a)
         self.inverse_temperatures = tuple(float(x) for x in inverse_temperatures)
-        self.cost_norm = _choice(CostNorm, cost_norm, "cost_norm").value
+        self.cost_norm = parse_choice(CostNorm, cost_norm, "cost_norm").value
         self.var_floor = float(var_floor)
-        self.routing = _choice(Routing, routing, "routing").value
+        self.routing = parse_choice(Routing, routing, "routing").value
 
     def routing_beta_a(self) -> torch.Tensor:
         """beta_a as the routing uses it (cost units): the parameter itself, or parameter / λ_T when it is
@@ -212,7 +213,7 @@ class ConvCaps(_RoutingLayer):
             (kernel * kernel * in_types, out_types, 4, 4), out_types, inverse_temperatures, **routing_options
         )
         self.in_types, self.out_types, self.kernel, self.stride = in_types, out_types, kernel, stride
-        self.competition = _choice(Competition, competition, "competition").value
+        self.competition = parse_choice(Competition, competition, "competition").value
 
     def extra_repr(self) -> str:
         return (

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from enum import Enum, StrEnum
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
+
+from models.choices import parse_choice
 
 DEFAULT_VAR_FLOOR = 1e-4  # added to every parent variance: a parent with one child stays finite
 _LOG_2PI = math.log(2 * math.pi)
@@ -49,17 +51,9 @@ class LambdaSchedule(StrEnum):
     CONSTANT = "constant"  # final, final, ...
 
 
-def _choice(enum: type[Enum], value, what: str) -> Enum:
-    try:
-        return enum(value)
-    except ValueError:
-        names = ", ".join(repr(m.value) for m in enum)
-        raise ValueError(f"unknown {what} {value!r}: use one of {names}") from None
-
-
 def inverse_temperatures(schedule: str, iters: int, final_lambda: float = 0.01) -> list[float]:
     """The lambda_t of each of ``iters`` routing iterations for a named schedule."""
-    schedule = _choice(LambdaSchedule, schedule, "lambda_schedule")
+    schedule = parse_choice(LambdaSchedule, schedule, "lambda_schedule")
     if iters < 1:
         raise ValueError(f"routing_iters must be >= 1, got {iters}")
     t = range(1, iters + 1)
@@ -117,7 +111,7 @@ def em_routing(
     R (..., I, J) of the last M-step when ``return_assignments``. With ``return_logits`` the activations
     come back before the sigmoid, lambda_T (beta_a - cost_j), which never saturates.
     """
-    cost_norm = _choice(CostNorm, cost_norm, "cost_norm")
+    cost_norm = parse_choice(CostNorm, cost_norm, "cost_norm")
     if votes.dim() < 3 or activations.shape != votes.shape[:-2]:
         raise ValueError(
             f"votes must be (..., I, J, D) and activations (..., I); got {tuple(votes.shape)} and "

@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from models import register_model
 from models.capsules import ClassCaps, Competition, ConvCaps, PrimaryCaps, Routing, conv_out_size
-from models.em_routing import DEFAULT_VAR_FLOOR, CostNorm, _choice, inverse_temperatures
+from models.choices import parse_choice
+from models.em_routing import DEFAULT_VAR_FLOOR, CostNorm, inverse_temperatures
 from models.normalization import PerImageStandardize
 
 
@@ -60,9 +61,9 @@ class MatrixCapsNet(nn.Module):
         for name, value in dict(in_channels=in_channels, num_classes=num_classes, A=A, B=B, C=C, D=D).items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        competition = _choice(Competition, competition, "competition").value
-        cost_norm = _choice(CostNorm, cost_norm, "cost_norm").value
-        routing = _choice(Routing, routing, "routing").value
+        competition = parse_choice(Competition, competition, "competition").value
+        cost_norm = parse_choice(CostNorm, cost_norm, "cost_norm").value
+        routing = parse_choice(Routing, routing, "routing").value
         lambdas = inverse_temperatures(lambda_schedule, routing_iters, final_lambda)
 
         # grid sides and the receptive-field centres of ConvCaps2's positions (for coordinate addition)
@@ -77,7 +78,7 @@ class MatrixCapsNet(nn.Module):
         self.num_classes, self.input_size, self.in_channels = num_classes, input_size, in_channels
         self.inverse_temperatures = lambdas
         self.normalize = PerImageStandardize()
-        batch_norm = _choice(Conv1Norm, conv1_norm, "conv1_norm") is Conv1Norm.BATCH
+        batch_norm = parse_choice(Conv1Norm, conv1_norm, "conv1_norm") is Conv1Norm.BATCH
         self.conv1 = nn.Conv2d(in_channels, A, 5, stride=2, bias=not batch_norm)  # BatchNorm has a bias
         self.conv1_norm = nn.BatchNorm2d(A) if batch_norm else nn.Identity()
         self.primary_caps = PrimaryCaps(A, B)

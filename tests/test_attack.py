@@ -325,7 +325,7 @@ def test_bad_arguments_fail_with_the_fix(trained):
     model, x, y = trained
     with pytest.raises(AttackError, match="outside \\[0, 1\\]: eps is in \\[0,1\\] pixel units"):
         parse_eps("0,1.5")
-    with pytest.raises(AttackError, match="unknown attack 'cw': choose from fgsm, bim, pgd"):
+    with pytest.raises(AttackError, match="unknown attack 'cw': use one of 'fgsm', 'bim', 'pgd'"):
         parse_names("fgsm,cw", AttackName, "attack")
     with pytest.raises(AttackError, match="not \\[0,1\\]: pass the dataset's preprocessed pixels"):
         eps_sweep(model, (x - 0.5) / 0.2, y, progress=False)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from harness import bench
+from harness.config import ConfigError
 from models import em_cpu
 
 
@@ -58,7 +59,8 @@ def test_bench_subprocess_isolation_and_cnn(tmp_path):
 def test_bench_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         bench.main(["--models", "em_capsnet_small", "--steps", "0"])
-    with pytest.raises(Exception, match="unknown model 'em_capsnet_smal'"):
+    with pytest.raises(ConfigError, match="unknown model 'em_capsnet_smal'"):
         bench.main(["--models", "em_capsnet_smal@2", "--in-process"])
+    assert bench.cli(["--models", "em_capsnet_smal@2", "--in-process"]) == 2
     with pytest.raises(SystemExit, match="key=value"):
         bench.main(["--models", "cnn_small@2", "--model-arg", "dropout", "--in-process"])

@@ -105,8 +105,8 @@ def test_view_splits(root, view, column, familiar, novel_codes):
     [
         (dict(split="train", view="azimuth", subset="novel"), "applies to the test split only"),
         (dict(split="test", subset="familiar"), "needs a viewpoint split"),
-        (dict(split="test", view="roll"), "view must be one of 'azimuth', 'elevation'"),
-        (dict(split="testing"), "split must be one of 'train', 'val', 'test'"),
+        (dict(split="test", view="roll"), "unknown view 'roll': use one of 'azimuth', 'elevation'"),
+        (dict(split="testing"), "unknown split 'testing': use one of 'train', 'val', 'test'"),
         (dict(split="test", channels=3), "use channels in 1..2"),
         (dict(split="val", val_fraction=0.0), "no validation split"),
         (dict(split="train", val_fraction=1.5), r"val_fraction must be in \[0, 1\)"),

@@ -341,22 +341,22 @@ def test_real_study_report(real_store):
         assert (tmp / "full" / f"{name}.png").exists(), name
     clean, attacked = (table_rows(t) for t in page.tables[:2])
     assert set(clean) == set(finals)
-    runs = tracking.search_study_runs(REAL).set_index("run_id")
+    runs = {r.run_id: r for r in tracking.study_runs(REAL)}
     matched = json.loads(tracking.read_artifact_text(parent_id, "viewpoint/matched.json"))["models"]
     for model, run_id in finals.items():
-        run = runs.loc[run_id]
+        run = runs[run_id]
         row = clean[model]
-        assert row["test error"] == f"{100 * run['metrics.final_test_error']:.1f}%"
-        assert row["params"] == report._fmt_cell("params", float(run["params.n_params"]))
+        assert row["test error"] == f"{100 * run.metrics['final_test_error']:.1f}%"
+        assert row["params"] == report._fmt_cell("params", float(run.params["n_params"]))
         assert row["novel error (matched)"] == f"{100 * matched[model]['matched_novel_error']:.1f}%"
         assert row["matched epoch"] == str(matched[model]["matched_epoch"])
         for attack, eps in (("fgsm", 0.1), ("bim", 0.1)):
-            acc = run[f"metrics.attack/{attack}/worst/acc_eps_{eps:g}"]
-            success = run[f"metrics.attack/{attack}/worst/targeted_success_eps_{eps:g}"]
+            acc = run.metrics[f"attack/{attack}/worst/acc_eps_{eps:g}"]
+            success = run.metrics[f"attack/{attack}/worst/targeted_success_eps_{eps:g}"]
             assert (
                 attacked[model][f"{attack.upper()} ε={eps:g}"] == f"{100 * acc:.1f}% / {100 * success:.1f}%"
             )
-        assert attacked[model]["clean"] == f"{100 * run['metrics.attack/clean_accuracy']:.1f}%"
+        assert attacked[model]["clean"] == f"{100 * run.metrics['attack/clean_accuracy']:.1f}%"
     assert "report/report.html" in tracking.list_artifacts(parent_id, "report")
     text = (tmp / "full" / "report.md").read_text()
     assert "stage `tune` has not finished" in text  # this store has no tuning

@@ -22,8 +22,9 @@ import pandas as pd
 import torch
 
 from harness.data.base import ArrayDataset, DataError, DatasetSpec, Part
+from harness.paths import PROJECT_ROOT
+from models.choices import parse_choice
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 VAL_SEED = 20180215  # fixed: the held-out rows never change between runs
 
 
@@ -36,6 +37,9 @@ class Split(enum.StrEnum):
 class View(enum.StrEnum):
     AZIMUTH = "azimuth"
     ELEVATION = "elevation"
+
+
+VIEWS = ("none", *View)  # the data.view setting: no split, or a novel-viewpoint split
 
 
 class Subset(enum.StrEnum):
@@ -87,16 +91,10 @@ def dataset_folder(name: str, root: str | Path | None = None) -> Path:
     return root / name if (root / name).is_dir() else root
 
 
-def _enum(cls: type[enum.StrEnum], value, what: str):
-    try:
-        return cls(str(value))
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in cls)
-        raise DataError(f"{what} must be one of {allowed}, got {value!r}") from None
-
-
 def _view(view) -> View | None:
-    return None if view is None or str(view) in ("", "none") else _enum(View, view, "view")
+    if view is None or str(view) in ("", "none"):
+        return None
+    return parse_choice(View, str(view), "view", DataError)
 
 
 def familiar_mask(meta: pd.DataFrame, view) -> np.ndarray:
@@ -135,9 +133,9 @@ def get_dataset(
     smallNORB-format stereo pairs. ``options`` go to the dataset's loader (e.g. download=False for MNIST).
     """
     spec = get_spec(name)
-    split = _enum(Split, split, "split")
+    split = parse_choice(Split, str(split), "split", DataError)
     v = _view(view)
-    subset = _enum(Subset, subset, "subset")
+    subset = parse_choice(Subset, str(subset), "subset", DataError)
     if subset is not Subset.ALL and split is not Split.TEST:
         raise DataError(
             f"subset={subset.value!r} applies to the test split only; use subset='all' for {split.value}"

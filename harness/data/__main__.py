@@ -17,6 +17,7 @@ import sys
 import time
 
 from harness.data import DataError, dataset_folder, get_spec, list_datasets, mnist, smallnorb, synthnorb
+from harness.errors import cli_errors
 
 
 def _cmd_list(args) -> int:
@@ -155,13 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a setting the generator or format refuses
+        raise DataError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ import pandas as pd
 import torch
 
 from harness.data import transforms
+from harness.errors import CapsbenchError
 
 META_COLUMNS = ("instance", "elevation", "azimuth", "lighting")
 
 
-class DataError(RuntimeError):
+class DataError(CapsbenchError, RuntimeError):
     """A dataset problem; the message is one line saying what is wrong and how to fix it."""
 
 

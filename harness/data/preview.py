@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from harness.data import DataError, dataset_folder, get_dataset, get_spec  # noqa: E402
+from harness.viewpoint import azimuth_degrees, elevation_degrees  # noqa: E402
 
 
 def preview(
@@ -63,7 +64,8 @@ def preview(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(len(azimuths) * 0.75 + 1.5, ncat * 1.5 + 1), dpi=110)
     ax.imshow(sheet, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_xticks((np.arange(len(azimuths)) + 0.5) * S, [f"{10 * a}°" for a in azimuths], fontsize=7)
+    ticks = [f"{azimuth_degrees(a)}°" for a in azimuths]
+    ax.set_xticks((np.arange(len(azimuths)) + 0.5) * S, ticks, fontsize=7)
     ax.set_yticks(
         (np.arange(2 * ncat) + 0.5) * S,
         [f"{ds.classes[i // 2]} {'LR'[i % 2]}" for i in range(2 * ncat)],
@@ -71,7 +73,7 @@ def preview(
     )
     ax.set_xlabel("azimuth (raw code × 10)")
     ax.set_title(
-        f"{name} {split}: instance {pick['instance']}, elevation {30 + 5 * pick['elevation']}°, "
+        f"{name} {split}: instance {pick['instance']}, elevation {elevation_degrees(pick['elevation'])}°, "
         f"lighting {pick['lighting']} ({S}×{S}, L/R camera)",
         fontsize=9,
     )
