@@ -39,7 +39,7 @@ from harness.adversarial import EPS_UNITS
 from harness.errors import cli_errors
 from harness.intervals import estimate
 from harness.paths import PROJECT_ROOT
-from harness.report_records import STAGES, ReportError, StudyRecords, collect, parse_attack_metrics  # noqa: F401
+from harness.report_records import RECORDED_STAGES, ReportError, StudyRecords, collect, parse_attack_metrics  # noqa: F401
 from harness.report_summary import as_number, headline, parent_note, side_by_side, summary_metrics
 from harness.viewpoint import azimuth_degrees, elevation_degrees
 
@@ -422,7 +422,7 @@ def notes(records: StudyRecords) -> list[str]:
         out.append("Gradient-masking checks: no model flagged.")
     out += tuning_notes(records)
     pmetrics = (records.parent or {}).get("metrics", {})
-    times = [(s, pmetrics[f"stage/{s}_seconds"]) for s in STAGES if f"stage/{s}_seconds" in pmetrics]
+    times = [(s, pmetrics[f"stage/{s}_seconds"]) for s in RECORDED_STAGES if f"stage/{s}_seconds" in pmetrics]
     if times:
         out.append("Stage wall times: " + ", ".join(f"{s} {_duration(t)}" for s, t in times) + ".")
     return out

@@ -19,8 +19,9 @@ import pandas as pd
 
 from harness import tracking
 from harness.errors import CapsbenchError
+from harness.study_config import STAGES
 
-STAGES = ["data", "tune", "train", "viewpoint", "attack"]  # the stages before `report`
+RECORDED_STAGES = STAGES[:-1]  # the stages whose results the report reads: all but `report` itself
 _ATTACK_METRIC = re.compile(
     r"^attack/(?P<attack>\w+)/(?P<loss>\w+)/(?P<kind>acc|targeted_success)_eps_(?P<eps>[0-9.eE+-]+)$"
 )
@@ -105,7 +106,7 @@ def _parent_rank(run: dict) -> tuple:
     study folder) or a study was started afresh: report the one that got furthest, then the newest."""
     tags = run["tags"]
     finals = sum(k.startswith("capsbench.final.") for k in tags)
-    stages = sum(tags.get(f"capsbench.stage.{s}") == "done" for s in STAGES)  # `report` not counted
+    stages = sum(tags.get(f"capsbench.stage.{s}") == "done" for s in RECORDED_STAGES)  # `report` not counted
     return finals, stages, run["start_time"]
 
 
@@ -175,8 +176,8 @@ def collect(name: str) -> StudyRecords:
             for r in runs
             if r is parent or r["tags"].get("mlflow.parentRunId", "") in ("", parent["run_id"])
         ]
-        done = {s for s in STAGES if parent["tags"].get(f"capsbench.stage.{s}") == "done"}
-        for stage in STAGES:
+        done = {s for s in RECORDED_STAGES if parent["tags"].get(f"capsbench.stage.{s}") == "done"}
+        for stage in RECORDED_STAGES:
             if stage not in done:
                 missing.append(f"stage `{stage}` has not finished")
 
