@@ -8,6 +8,8 @@ import torch
 
 from harness import checkpoint, tracking
 from harness.config import RunConfig, apply_overrides
+from harness.paths import PROJECT_ROOT
+from harness.tracking.ui import main as tracking_cli
 from models import create_model
 
 
@@ -24,8 +26,8 @@ def test_uri_and_artifact_root(store, monkeypatch):
     assert tracking.tracking_uri() == f"sqlite:///{store / 'mlflow.db'}"
     assert tracking.artifact_root() == store / "mlartifacts"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert tracking.tracking_uri() == f"sqlite:///{tracking.PROJECT_ROOT / 'mlflow.db'}"
-    assert tracking.artifact_root() == tracking.PROJECT_ROOT / "mlartifacts"
+    assert tracking.tracking_uri() == f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    assert tracking.artifact_root() == PROJECT_ROOT / "mlartifacts"
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
 
 
@@ -115,11 +117,11 @@ def test_atomic_save_leaves_the_old_file_on_failure(tmp_path):
 
 
 def test_cli_uri_and_ui_command(store, monkeypatch, capsys):
-    assert tracking.main(["uri"]) == 0
+    assert tracking_cli(["uri"]) == 0
     assert str(store / "mlflow.db") in capsys.readouterr().out
     seen = {}
     monkeypatch.setattr(os, "execv", lambda exe, argv: seen.update(argv=argv))
-    tracking.main(["ui", "--port", "5123"])
+    tracking_cli(["ui", "--port", "5123"])
     argv = seen["argv"]
     assert argv[1:4] == ["-m", "mlflow", "ui"]
     assert argv[argv.index("--backend-store-uri") + 1] == tracking.tracking_uri()

@@ -1,0 +1,5 @@
+import sys
+
+from harness.tracking.ui import main
+
+sys.exit(main())
