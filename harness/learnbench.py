@@ -155,7 +155,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 def learning_curves(df: pd.DataFrame):
     """Test error against epoch (top) and against training seconds (bottom), one column per dataset."""
-    from harness.report_figures import model_colors, plt
+    from harness.report.figures import model_colors, plt
 
     datasets = list(dict.fromkeys(df["data"]))
     fig, axes = plt.subplots(2, len(datasets), figsize=(5.2 * len(datasets), 7.0), squeeze=False)

@@ -1,4 +1,4 @@
-"""Tests for the comparison report (harness/report.py, harness/report_figures.py).
+"""Tests for the comparison report (harness/report/).
 
 Every test uses its own temporary MLflow store (MLFLOW_TRACKING_URI -> tmp_path), never the project's.
 
@@ -19,6 +19,9 @@ import torch
 
 from harness import report, tracking
 from harness.config import RunConfig, from_dict
+from harness.paths import PROJECT_ROOT
+from harness.report import cli, fanova, figures, tables
+from harness.report.records import parse_attack_metrics
 
 MODELS = [("em_capsnet_small", "capsule"), ("cnn_small", "cnn")]
 
@@ -197,7 +200,7 @@ def test_fake_study_report_matches_records(store, tmp_path):
 def test_paper_reference_rows_only_for_smallnorb(store):
     fake_study("norb", data="smallnorb", view="azimuth", stages=("data", "tune", "train", "attack"))
     records = report.collect("norb")
-    table = report.summary_table(records)
+    table = report.comparison_table(records)
     paper = table[table["model"].str.startswith("paper:")].set_index("family")
     assert paper.loc["cnn", "novel error (matched)"] == pytest.approx(0.200)
     assert paper.loc["capsule", "novel error (matched)"] == pytest.approx(0.135)
@@ -207,7 +210,7 @@ def test_paper_reference_rows_only_for_smallnorb(store):
 
 
 def test_paper_rows_full_data():
-    rows = {r["model"]: r for r in report.paper_rows(["model", "family", "params", "test error"], "none")}
+    rows = {r["model"]: r for r in tables.paper_rows(["model", "family", "params", "test error"], "none")}
     assert rows["paper: EM capsules small (A=64,B=8,C=D=16)"]["test error"] == pytest.approx(0.022)
     assert rows["paper: CNN baseline"]["test error"] == pytest.approx(0.052)
     assert rows["paper: EM capsules (A=B=C=D=32)"]["params"] == pytest.approx(310e3)
@@ -230,7 +233,7 @@ def test_missing_stages_still_report(store, tmp_path):
 def test_unknown_study_is_a_clear_error(store, capsys):
     with pytest.raises(report.ReportError, match="no MLflow runs tagged capsbench.study='nope'"):
         report.collect("nope")
-    assert report.main(["nope", "--no-log"]) == 2
+    assert cli.main(["nope", "--no-log"]) == 2
     assert "make study NAME=nope" in capsys.readouterr().err
 
 
@@ -242,7 +245,7 @@ def test_attack_metrics_worst_case_is_derived_when_absent():
         "attack/fgsm/margin/targeted_success_eps_0.1": 0.3,
         "final_test_error": 0.1,
     }
-    table = report.parse_attack_metrics("m", metrics)
+    table = parse_attack_metrics("m", metrics)
     worst = table[table["loss"] == "worst"].set_index("kind")["value"]
     assert worst["acc"] == 0.5 and worst["targeted_success"] == 0.3
     assert len(table) == 6
@@ -250,7 +253,7 @@ def test_attack_metrics_worst_case_is_derived_when_absent():
 
 def test_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
-        report.main(["--help"])
+        cli.main(["--help"])
     assert e.value.code == 0
     assert "python -m harness.report demo" in capsys.readouterr().out
 
@@ -347,7 +350,7 @@ def test_real_study_report(real_store):
         run = runs[run_id]
         row = clean[model]
         assert row["test error"] == f"{100 * run.metrics['final_test_error']:.1f}%"
-        assert row["params"] == report._fmt_cell("params", float(run.params["n_params"]))
+        assert row["params"] == tables.format_cell("params", float(run.params["n_params"]))
         assert row["novel error (matched)"] == f"{100 * matched[model]['matched_novel_error']:.1f}%"
         assert row["matched epoch"] == str(matched[model]["matched_epoch"])
         for attack, eps in (("fgsm", 0.1), ("bim", 0.1)):
@@ -381,7 +384,7 @@ def test_attack_cells_without_targeted_results():
          {"model": "n", "family": "cnn", "test error": 0.2, "FGSM accuracy ε=0.1": None},
          {"model": "paper: x", "family": "cnn", "test error": 0.05, "FGSM accuracy ε=0.1": None}]
     )  # fmt: skip
-    clean, attacked = report.split_summary(table)
+    clean, attacked = tables.split_comparison(table)
     assert list(clean.columns) == ["model", "family", "test error"] and len(clean) == 3
     assert attacked["FGSM ε=0.1"].tolist() == ["25.0%", "–"]  # a paper row with no attack numbers is dropped
 
@@ -394,11 +397,11 @@ def test_importances_find_the_parameter_that_matters():
          "params_lr": lr, "params_dropout": dropout, "params_schedule": ["a", "b", "c"] * 10}
     )  # fmt: skip
     trials.loc[29, "state"] = "PRUNED"  # only complete trials count
-    imp, notes = report.importances(trials)
+    imp, notes = fanova.importances(trials)
     assert not notes
     assert set(imp["m"]) == {"lr", "dropout", "schedule"}
     assert imp["m"]["lr"] > 0.8 and sum(imp["m"].values()) == pytest.approx(1.0)
-    few, notes = report.importances(trials.head(2))
+    few, notes = fanova.importances(trials.head(2))
     assert few == {} and "too few" in notes[0]
 
 
@@ -455,11 +458,11 @@ def test_accuracy_curves_start_at_the_clean_point():
     metrics = {"attack/clean_accuracy": 0.9, "attack/fgsm/ce/acc_eps_0.1": 0.5,
                "attack/fgsm/margin/acc_eps_0.1": 0.4, "attack/bim/ce/acc_eps_0": 0.8,
                "attack/bim/ce/acc_eps_0.1": 0.3}  # fmt: skip
-    table = report.parse_attack_metrics("m", metrics)
+    table = parse_attack_metrics("m", metrics)
     zero = table[table["eps"] == 0].set_index(["attack", "loss"])["value"]
     assert zero[("fgsm", "ce")] == zero[("fgsm", "margin")] == zero[("fgsm", "worst")] == 0.9
     assert zero[("bim", "ce")] == 0.8  # a logged ε = 0 point is kept as it is
-    fig = report.figs.attack_curves(table, {"m": "capsule"}, kind="acc")
+    fig = figures.attack_curves(table, {"m": "capsule"}, kind="acc")
     xs = [line.get_xdata()[0] for line in fig.axes[0].lines]
     assert xs and all(x == 0 for x in xs)  # every FGSM curve starts at ε = 0
 
@@ -467,7 +470,7 @@ def test_accuracy_curves_start_at_the_clean_point():
 def test_the_repository_cites_no_file_outside_it():
     import subprocess
 
-    root = report.PROJECT_ROOT
+    root = PROJECT_ROOT
     files = subprocess.run(["git", "-C", str(root), "ls-files"], capture_output=True, text=True, check=True)
     outside = ["DESIGN" + ".md", "DESIGN" + " §", "../" + "shared", "STYLE" + ".md"]  # not spelled out here
     cited = [

@@ -9,12 +9,12 @@ docs/contracts.md "Tracking" and "Study records". Whatever a stage has not recor
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from harness import tracking
@@ -38,6 +38,8 @@ class ReportError(CapsbenchError, RuntimeError):
 
 @dataclass
 class ModelRecord:
+    """One final run of a model: its run's values, per-epoch history and attack results."""
+
     model: str  # registry name
     family: str  # capsule | cnn
     run_id: str
@@ -49,11 +51,21 @@ class ModelRecord:
     attacks: pd.DataFrame  # long: model, attack, loss, kind, eps, value (eps 0 = clean accuracy)
     seed: str = ""  # the capsbench.seed tag ("" for runs from before seeds were recorded)
 
+    def worst_attack(self, attack: str, eps: float, kind: str = "acc") -> float | None:
+        """The worst case over attack losses of ``kind`` (acc | targeted_success) at ``eps``, if recorded."""
+        a = self.attacks
+        sel = a[
+            (a["attack"] == attack) & (a["loss"] == "worst") & (a["kind"] == kind) & np.isclose(a["eps"], eps)
+        ]
+        return float(sel["value"].iloc[0]) if len(sel) else None
+
 
 @dataclass
 class StudyRecords:
+    """Everything the report shows about one study (``collect(name)``)."""
+
     name: str
-    parent: dict | None  # run_id, status, params, metrics, tags, experiment_id
+    parent: tracking.RunRecord | None  # the study run (capsbench.kind=study), None when missing
     models: list[ModelRecord]
     trials: pd.DataFrame  # model, number, value, state, params_* (Optuna's trials_dataframe)
     matched: dict | None  # viewpoint/matched.json
@@ -67,6 +79,20 @@ class StudyRecords:
     @property
     def n_seeds(self) -> int:
         return max((len(r) for r in self.replicates.values()), default=1)
+
+    @property
+    def view(self) -> str:
+        """The final runs' novel-viewpoint split (azimuth | elevation), "" without one."""
+        view = self.data_param("data.view")
+        return "" if view == "none" else view
+
+    @property
+    def parent_params(self) -> dict[str, str]:
+        return self.parent.params if self.parent else {}
+
+    @property
+    def parent_metrics(self) -> dict[str, float]:
+        return self.parent.metrics if self.parent else {}
 
     @property
     def attacks(self) -> pd.DataFrame:
@@ -93,7 +119,7 @@ class StudyRecords:
         for m in self.models:
             if m.params.get(key):
                 return m.params[key]
-        params = (self.parent or {}).get("params", {})
+        params = self.parent_params
         return params.get(key) or params.get(f"run.{key}", "")
 
 
@@ -101,13 +127,12 @@ def _empty_attacks() -> pd.DataFrame:
     return pd.DataFrame(columns=["model", "attack", "loss", "kind", "eps", "value"])
 
 
-def _parent_rank(run: dict) -> tuple:
+def _parent_rank(run: tracking.RunRecord) -> tuple:
     """Several parent runs share a study name when helper machines join its tuning (each keeps its own
     study folder) or a study was started afresh: report the one that got furthest, then the newest."""
-    tags = run["tags"]
-    finals = sum(k.startswith("capsbench.final.") for k in tags)
-    stages = sum(tags.get(f"capsbench.stage.{s}") == "done" for s in RECORDED_STAGES)  # `report` not counted
-    return finals, stages, run["start_time"]
+    finals = sum(k.startswith("capsbench.final.") for k in run.tags)
+    stages = sum(run.tags.get(f"capsbench.stage.{s}") == "done" for s in RECORDED_STAGES)  # not `report`
+    return finals, stages, run.start_time
 
 
 def parse_attack_metrics(model: str, metrics: dict[str, float]) -> pd.DataFrame:
@@ -159,7 +184,7 @@ def parse_attack_metrics(model: str, metrics: dict[str, float]) -> pd.DataFrame:
 
 def collect(name: str) -> StudyRecords:
     """Everything the report needs about study ``name``, read from MLflow; missing parts noted."""
-    runs = [dataclasses.asdict(r) for r in tracking.study_runs(name)]  # newest first
+    runs = tracking.study_runs(name)  # newest first
     if not runs:
         raise ReportError(
             f"no MLflow runs tagged capsbench.study={name!r} in {tracking.tracking_uri()}; "
@@ -171,49 +196,40 @@ def collect(name: str) -> StudyRecords:
     if parent is None:
         missing.append("no parent run (capsbench.kind=study): tuning budget and matched protocol are unknown")
     else:  # keep only the runs of the newest parent, in case an older study of the same name exists
-        runs = [
-            r
-            for r in runs
-            if r is parent or r["tags"].get("mlflow.parentRunId", "") in ("", parent["run_id"])
-        ]
-        done = {s for s in RECORDED_STAGES if parent["tags"].get(f"capsbench.stage.{s}") == "done"}
+        runs = [r for r in runs if r is parent or r.parent_id in ("", parent.run_id)]
+        done = {s for s in RECORDED_STAGES if parent.tags.get(f"capsbench.stage.{s}") == "done"}
         for stage in RECORDED_STAGES:
             if stage not in done:
                 missing.append(f"stage `{stage}` has not finished")
 
-    finals = [r for r in runs if _kind(r) == "train" and r["tags"].get("capsbench.role") == "final"]
-    chosen = {
-        k.split(".", 2)[2]: v
-        for k, v in (parent or {}).get("tags", {}).items()
-        if k.startswith("capsbench.final.")
-    }
-    picked: dict[tuple[str, str], dict] = {}  # (model, seed) -> its newest run, or the parent's chosen one
+    finals = [r for r in runs if _kind(r) == "train" and r.tags.get("capsbench.role") == "final"]
+    parent_tags = parent.tags if parent else {}
+    chosen = {k.split(".", 2)[2]: v for k, v in parent_tags.items() if k.startswith("capsbench.final.")}
+    picked: dict[tuple[str, str], tracking.RunRecord] = {}  # (model, seed) -> newest run, or the chosen one
     for run in finals:
-        model = run["tags"].get("capsbench.model") or run["params"].get("model.name", "?")
-        key = (model, run["tags"].get("capsbench.seed", ""))
-        if key not in picked or chosen.get(model) == run["run_id"]:
+        model = run.tags.get("capsbench.model") or run.params.get("model.name", "?")
+        key = (model, run.tags.get("capsbench.seed", ""))
+        if key not in picked or chosen.get(model) == run.run_id:
             picked[key] = run
     replicates: dict[str, list[ModelRecord]] = {}
     for (model, seed), run in sorted(picked.items(), key=lambda kv: (kv[0][0], _seed_order(kv[0][1]))):
-        metrics = dict(run["metrics"])
         replicates.setdefault(model, []).append(
             ModelRecord(
                 model=model,
-                family=run["tags"].get("capsbench.family", ""),
-                run_id=run["run_id"],
-                status=run["status"],
-                params=run["params"],
-                metrics=metrics,
-                tags=run["tags"],
-                history=tracking.metric_histories(run["run_id"], tracking.EPOCH_METRICS),
-                attacks=parse_attack_metrics(model, metrics),
+                family=run.tags.get("capsbench.family", ""),
+                run_id=run.run_id,
+                status=run.status,
+                params=run.params,
+                metrics=run.metrics,
+                tags=run.tags,
+                history=tracking.metric_histories(run.run_id, tracking.EPOCH_METRICS),
+                attacks=parse_attack_metrics(model, run.metrics),
                 seed=seed,
             )
         )
-        if run["status"] != "FINISHED":
-            missing.append(
-                f"the final run of `{model}`{f' (seed {seed})' if seed else ''} ended {run['status']}"
-            )
+        if run.status != "FINISHED":
+            which = f"`{model}`" + (f" (seed {seed})" if seed else "")
+            missing.append(f"the final run of {which} ended {run.status}")
     # one run per model for the figures and provenance: the parent's chosen one, else the first seed's
     models = [
         next((r for r in runs_ if r.run_id == chosen.get(m)), runs_[0]) for m, runs_ in replicates.items()
@@ -228,17 +244,17 @@ def collect(name: str) -> StudyRecords:
     trials = _collect_trials(runs, parent)
     matched = cells = study_toml = seeds = None
     if parent is not None:
-        text = tracking.read_artifact_text(parent["run_id"], "viewpoint/matched.json")
+        text = tracking.read_artifact_text(parent.run_id, "viewpoint/matched.json")
         matched = json.loads(text) if text else None
-        text = tracking.read_artifact_text(parent["run_id"], "viewpoint/cells.csv")
+        text = tracking.read_artifact_text(parent.run_id, "viewpoint/cells.csv")
         cells = pd.read_csv(io.StringIO(text)) if text else None
-        study_toml = tracking.read_artifact_text(parent["run_id"], "study.toml")
-        text = tracking.read_artifact_text(parent["run_id"], "viewpoint/seeds.json")
+        study_toml = tracking.read_artifact_text(parent.run_id, "study.toml")
+        text = tracking.read_artifact_text(parent.run_id, "viewpoint/seeds.json")
         seeds = json.loads(text) if text else None
     families = {
-        r["tags"]["capsbench.model"]: r["tags"]["capsbench.family"]
+        r.tags["capsbench.model"]: r.tags["capsbench.family"]
         for r in reversed(runs)  # the newest run's family wins
-        if "capsbench.model" in r["tags"] and "capsbench.family" in r["tags"]
+        if "capsbench.model" in r.tags and "capsbench.family" in r.tags
     }
     return StudyRecords(
         name, parent, models, trials, matched, cells, study_toml, missing, families, replicates, seeds
@@ -249,17 +265,17 @@ def _seed_order(seed: str) -> tuple:
     return (0, int(seed)) if seed.isdigit() else (1, seed)
 
 
-def _kind(run: dict) -> str:
-    return run["tags"].get("capsbench.kind", "")
+def _kind(run: tracking.RunRecord) -> str:
+    return run.tags.get("capsbench.kind", "")
 
 
-def _collect_trials(runs: list[dict], parent: dict | None) -> pd.DataFrame:
+def _collect_trials(runs: list[tracking.RunRecord], parent: tracking.RunRecord | None) -> pd.DataFrame:
     """Optuna trials per model: the parent's ``tune/<model>_trials.csv`` artifacts, else the trial runs."""
     frames = []
     if parent is not None:
-        for path in tracking.list_artifacts(parent["run_id"], "tune"):
+        for path in tracking.list_artifacts(parent.run_id, "tune"):
             m = re.match(r"tune/(.+)_trials\.csv$", path)
-            text = tracking.read_artifact_text(parent["run_id"], path) if m else None
+            text = tracking.read_artifact_text(parent.run_id, path) if m else None
             if text:
                 frame = pd.read_csv(io.StringIO(text))
                 frame.insert(0, "model", m[1])
@@ -267,14 +283,12 @@ def _collect_trials(runs: list[dict], parent: dict | None) -> pd.DataFrame:
     if not frames:  # fall back to the nested trial runs themselves
         rows = []
         for run in (r for r in runs if _kind(r) == "trial"):
-            state = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}.get(
-                run["status"], run["status"]
-            )
-            value = run["metrics"].get("best_val_error", run["metrics"].get("val_error"))
+            state = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}.get(run.status, run.status)
+            value = run.metrics.get("best_val_error", run.metrics.get("val_error"))
             rows.append(
                 {
-                    "model": run["tags"].get("capsbench.model", "?"),
-                    "number": int(run["tags"].get("optuna.trial", len(rows))),
+                    "model": run.tags.get("capsbench.model", "?"),
+                    "number": int(run.tags.get("optuna.trial", len(rows))),
                     "value": value,
                     "state": state,
                 }

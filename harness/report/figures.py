@@ -1,9 +1,9 @@
 """Figures for the comparison report (`python -m harness.report NAME`).
 
 Every function takes plain records (pandas frames, dicts, numpy arrays) and returns a matplotlib
-Figure, or None when there is nothing to draw; harness/report.py saves them as PNGs and embeds them.
-Capsule models are drawn in blues and CNNs in oranges throughout, so families read the same in
-every figure.
+Figure, or None when there is nothing to draw; harness/report/build.py saves them as PNGs (``save``)
+and the HTML page embeds them. Capsule models are drawn in blues and CNNs in oranges throughout, so
+families read the same in every figure.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ FAMILY_COLORS = {
 }
 OTHER_COLORS = ["#2ca02c", "#9467bd", "#7f7f7f", "#bcbd22"]
 FAMILY_MARKERS = {"capsule": "o", "cnn": "s"}
+ATTACK_ORDER = ("fgsm", "bim", "pgd")  # panels left to right
+
+
+def save(fig: plt.Figure, path) -> None:
+    """Write ``fig`` as a PNG and free it."""
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def model_colors(models: list[tuple[str, str]]) -> dict[str, str]:
@@ -91,10 +98,7 @@ def attack_curves(attacks: pd.DataFrame, families: dict[str, str], *, kind: str)
     rows = attacks[attacks["kind"] == kind]
     if rows.empty:
         return None
-    names = sorted(
-        rows["attack"].unique(),
-        key=lambda a: ["fgsm", "bim", "pgd"].index(a) if a in ["fgsm", "bim", "pgd"] else 9,
-    )
+    names = sorted(rows["attack"].unique(), key=lambda a: ATTACK_ORDER.index(a) if a in ATTACK_ORDER else 9)
     labels = list(dict.fromkeys(rows["model"]))
     colors = model_colors([(m, families.get(m, "")) for m in labels])
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False, sharey=True)
