@@ -27,6 +27,7 @@ from harness.config import (
     RunConfig,
     check_model_name,
     deep_merged,
+    dumps_toml,
     flatten,
     from_dict,
     load_toml,
@@ -191,6 +192,14 @@ def resolve_data_root(root: str) -> str:
     return str(data_root() / root)
 
 
+def study_data_folder(cfg: StudyConfig) -> str:
+    """The folder of the study's dataset: run.data.root (made absolute by load_study), else
+    <data root>/<dataset>."""
+    from harness.data import dataset_folder
+
+    return cfg.run.data.root or str(dataset_folder(cfg.run.data.name))
+
+
 def study_from_dict(data: dict[str, Any]) -> StudyConfig:
     """Rebuild a resolved StudyConfig (e.g. from a study folder's study.toml) and validate it."""
     cfg = from_dict(StudyConfig, data)
@@ -226,8 +235,9 @@ def model_family(model: str) -> str:
     return family
 
 
-def to_toml_dict(cfg: StudyConfig) -> dict[str, Any]:
-    return to_dict(cfg)
+def study_toml(cfg: StudyConfig) -> str:
+    """The resolved study file: what the study folder and the parent run keep, and what --check prints."""
+    return dumps_toml(to_dict(cfg))
 
 
 def fingerprint(cfg: StudyConfig) -> dict[str, Any]:
@@ -290,7 +300,7 @@ def validate(cfg: StudyConfig) -> None:
         )
     if cfg.run.train.epochs < 1:
         raise ConfigError(f"run.train.epochs must be >= 1, got {cfg.run.train.epochs}")
-    for space_name in ("capsule", "cnn"):
+    for space_name in FAMILIES:
         space = getattr(t, space_name)
         for f in dataclasses.fields(space):
             value = getattr(space, f.name)
