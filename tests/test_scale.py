@@ -16,7 +16,8 @@ from harness import tracking
 from harness.config import ConfigError
 from harness.study import main, open_study, run_study, status_text
 from harness.study.config import fingerprint, load_study
-from harness.study.tune import load_optuna, suggest
+from harness.study.trials import suggest
+from harness.study.tune import load_optuna
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -13,7 +13,8 @@ pipeline:
 - ``config``: the study file (dataclasses, load + validate, each model's RunConfig).
 - ``state``: the study folder ``runs/studies/NAME/``: resolved config, stage markers (state.json), log, lock.
 - ``storage``: where the Optuna trials live (a journal file, or a shared RDB) and which workers are dead.
-- ``tune``: the Optuna side: search spaces, the trial objective, workers, the best trial.
+- ``trials``: one trial: its search space, its run (``TrialObjective``), the budget it counts against.
+- ``tune``: one Optuna study per model: workers sharing its budget, dead workers' trials, the best trial.
 - ``stages``: the six stages; ``pipeline``: ``run_study`` runs those not done yet under the MLflow parent run.
 - ``status``: ``--status`` and the closing links; ``cli``: the command line.
 

@@ -285,10 +285,8 @@ def validate(cfg: StudyConfig) -> None:
         raise ConfigError(f"run.data.view: expected one of {', '.join(VIEWS)}, got {cfg.run.data.view!r}")
     if cfg.viewpoint.reference not in ("final", "best"):
         raise ConfigError(f"viewpoint.reference: expected final or best, got {cfg.viewpoint.reference!r}")
-    for m in cfg.models:
-        _check_model_args(
-            m, run_config(cfg, m).model.args
-        )  # per-model tables must fit RunConfig and the model
+    for m in cfg.models:  # per-model tables must fit RunConfig and the model
+        _check_model_args(m, run_config(cfg, m).model.args)
     t = cfg.tune
     for key in ("n_trials", "epochs", "limit_train", "n_startup_trials", "n_warmup_epochs", "max_failed"):
         if getattr(t, key) < 0:
@@ -322,7 +320,7 @@ def validate(cfg: StudyConfig) -> None:
         raise ConfigError("attack.n_examples and attack.steps must be >= 1")
 
 
-LOG_SCALE = {"final_lambda", "lr", "weight_decay"}
+LOG_SCALE = {"final_lambda", "lr", "weight_decay"}  # search-space ranges sampled on a log scale
 
 
 def _check_model_args(model: str, args: dict[str, Any]) -> None:

@@ -43,6 +43,9 @@ class StudyError(CapsbenchError, RuntimeError):
 
 @dataclass
 class Study:
+    """A study's folder, and how its trials run: where they are stored, how many local workers, what they
+    call."""
+
     cfg: StudyConfig
     folder: Path
     storage_url: str | None = None  # None = the journal file in the folder

@@ -9,7 +9,8 @@ import optuna
 from harness.study import storage
 from harness.study.config import StudyConfig
 from harness.study.state import DEFAULT_ROOT, Study, runner_active
-from harness.study.tune import optuna_storage, trial_counts
+from harness.study.trials import trial_counts
+from harness.study.tune import optuna_storage
 
 
 def dead_run_lines(study: str) -> list[str]:

@@ -178,11 +178,18 @@ def _heartbeat_stale_ids(ostudy: optuna.Study) -> set[int]:
     return set(storage._get_stale_trial_ids(ostudy._study_id))
 
 
+def running_trials(ostudy: optuna.Study) -> list[FrozenTrial]:
+    return ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
 def dead_trials(ostudy: optuna.Study) -> list[FrozenTrial]:
     """RUNNING trials whose worker is gone (see the module docstring); the others are alive."""
     stale = _heartbeat_stale_ids(ostudy)
-    running = ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return [t for t in running if t._trial_id in stale or process_gone(str(t.user_attrs.get("worker", "")))]
+    return [
+        t
+        for t in running_trials(ostudy)
+        if t._trial_id in stale or process_gone(str(t.user_attrs.get("worker", "")))
+    ]
 
 
 def fail_dead_trials(
