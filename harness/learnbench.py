@@ -36,7 +36,7 @@ import pandas as pd
 from harness.config import ConfigError, RunConfig, apply_overrides
 from harness.data import DataError
 from harness.errors import cli_errors
-from harness.study_config import model_family
+from harness.study.config import model_family
 
 # each family at its best measured learning rate (docs/capsule_recipe.md)
 DEFAULT_ENTRIES = ["caps=em_capsnet_small", "cnn=cnn_small,optim.lr=0.001"]

@@ -14,8 +14,10 @@ import pytest
 
 from harness import tracking
 from harness.config import ConfigError
-from harness.study import load_optuna, main, open_study, run_study, status_text, suggest
-from harness.study_config import fingerprint, load_study
+from harness.study import main, open_study, run_study, status_text
+from harness.study.config import fingerprint, load_study
+from harness.study.trials import suggest
+from harness.study.tune import load_optuna
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

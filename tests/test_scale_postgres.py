@@ -22,7 +22,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from harness import study_storage, tracking
+from harness import tracking
+from harness.study import storage as study_storage
 
 OPTUNA_URL = os.environ.get("CAPSBENCH_TEST_OPTUNA_URL")
 MLFLOW_URI = os.environ.get("CAPSBENCH_TEST_MLFLOW_URI")

@@ -20,8 +20,10 @@ from harness import viewpoint as vp
 from harness.config import ConfigError
 from harness.intervals import estimate
 from harness.progress import Progress
-from harness.study import compare_seed_runs, links_text, open_parent_run, run_study
-from harness.study_config import load_study, study_seeds
+from harness.study import links_text, run_study
+from harness.study.config import load_study, study_seeds
+from harness.study.pipeline import open_parent_run
+from harness.study.stages import compare_seed_runs
 
 SEEDED_FIT = '''
 """tests/test_study.py's fake fit, with seed-dependent novel errors and an injectable final-run failure."""

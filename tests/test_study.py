@@ -18,7 +18,7 @@ import pytest
 from harness import tracking
 from harness.config import ConfigError
 from harness.study import StudyError, main, open_study, run_study, status_text
-from harness.study_config import list_studies, load_study, run_config
+from harness.study.config import list_studies, load_study, run_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -68,7 +68,7 @@ def fit(cfg, *, parent_run_id=None, tags=None, epoch_callback=None, resume_run_i
 
 def run_in_child(path, overrides, root):
     from harness.study import run_study
-    from harness.study_config import load_study
+    from harness.study.config import load_study
 
     run_study(load_study(path, overrides), root=Path(root), fit="fake_fit:fit")
 '''

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from harness import tracking
-from harness.study import load_optuna, main, open_study
-from harness.study_config import load_study
+from harness.study import main, open_study
+from harness.study.config import load_study
+from harness.study.tune import load_optuna
 
 NO_SUCH_GPU = "cuda:99" if torch.cuda.is_available() else "cuda"
 CAPSULE = "run settings of em_capsnet_small:"

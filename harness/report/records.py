@@ -19,7 +19,7 @@ import pandas as pd
 
 from harness import tracking
 from harness.errors import CapsbenchError
-from harness.study_config import STAGES
+from harness.study.config import STAGES
 
 RECORDED_STAGES = STAGES[:-1]  # the stages whose results the report reads: all but `report` itself
 _ATTACK_METRIC = re.compile(

@@ -27,6 +27,7 @@ from harness.config import (
     RunConfig,
     check_model_name,
     deep_merged,
+    dumps_toml,
     flatten,
     from_dict,
     load_toml,
@@ -191,6 +192,14 @@ def resolve_data_root(root: str) -> str:
     return str(data_root() / root)
 
 
+def study_data_folder(cfg: StudyConfig) -> str:
+    """The folder of the study's dataset: run.data.root (made absolute by load_study), else
+    <data root>/<dataset>."""
+    from harness.data import dataset_folder
+
+    return cfg.run.data.root or str(dataset_folder(cfg.run.data.name))
+
+
 def study_from_dict(data: dict[str, Any]) -> StudyConfig:
     """Rebuild a resolved StudyConfig (e.g. from a study folder's study.toml) and validate it."""
     cfg = from_dict(StudyConfig, data)
@@ -226,8 +235,9 @@ def model_family(model: str) -> str:
     return family
 
 
-def to_toml_dict(cfg: StudyConfig) -> dict[str, Any]:
-    return to_dict(cfg)
+def study_toml(cfg: StudyConfig) -> str:
+    """The resolved study file: what the study folder and the parent run keep, and what --check prints."""
+    return dumps_toml(to_dict(cfg))
 
 
 def fingerprint(cfg: StudyConfig) -> dict[str, Any]:
@@ -275,10 +285,8 @@ def validate(cfg: StudyConfig) -> None:
         raise ConfigError(f"run.data.view: expected one of {', '.join(VIEWS)}, got {cfg.run.data.view!r}")
     if cfg.viewpoint.reference not in ("final", "best"):
         raise ConfigError(f"viewpoint.reference: expected final or best, got {cfg.viewpoint.reference!r}")
-    for m in cfg.models:
-        _check_model_args(
-            m, run_config(cfg, m).model.args
-        )  # per-model tables must fit RunConfig and the model
+    for m in cfg.models:  # per-model tables must fit RunConfig and the model
+        _check_model_args(m, run_config(cfg, m).model.args)
     t = cfg.tune
     for key in ("n_trials", "epochs", "limit_train", "n_startup_trials", "n_warmup_epochs", "max_failed"):
         if getattr(t, key) < 0:
@@ -290,7 +298,7 @@ def validate(cfg: StudyConfig) -> None:
         )
     if cfg.run.train.epochs < 1:
         raise ConfigError(f"run.train.epochs must be >= 1, got {cfg.run.train.epochs}")
-    for space_name in ("capsule", "cnn"):
+    for space_name in FAMILIES:
         space = getattr(t, space_name)
         for f in dataclasses.fields(space):
             value = getattr(space, f.name)
@@ -312,7 +320,7 @@ def validate(cfg: StudyConfig) -> None:
         raise ConfigError("attack.n_examples and attack.steps must be >= 1")
 
 
-LOG_SCALE = {"final_lambda", "lr", "weight_decay"}
+LOG_SCALE = {"final_lambda", "lr", "weight_decay"}  # search-space ranges sampled on a log scale
 
 
 def _check_model_args(model: str, args: dict[str, Any]) -> None:

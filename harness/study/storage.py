@@ -170,21 +170,26 @@ def process_gone(worker: str) -> bool | None:
     return int(pid) != os.getpid() and not psutil.pid_exists(int(pid))
 
 
-def _heartbeat_stale_numbers(ostudy: optuna.Study) -> set[int]:
-    """Numbers of RUNNING trials whose heartbeat is older than the storage's grace period (RDB only)."""
+def _heartbeat_stale_ids(ostudy: optuna.Study) -> set[int]:
+    """Storage ids of trials whose heartbeat is older than the storage's grace period (RDB only)."""
     storage = ostudy._storage  # Optuna's own fail_stale_trials reads the same private fields
     if not getattr(storage, "get_heartbeat_interval", lambda: None)():
         return set()  # a journal file: no heartbeat
-    stale_ids = set(storage._get_stale_trial_ids(ostudy._study_id))
-    running = ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return {t.number for t in running if t._trial_id in stale_ids}
+    return set(storage._get_stale_trial_ids(ostudy._study_id))
+
+
+def running_trials(ostudy: optuna.Study) -> list[FrozenTrial]:
+    return ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
 def dead_trials(ostudy: optuna.Study) -> list[FrozenTrial]:
     """RUNNING trials whose worker is gone (see the module docstring); the others are alive."""
-    stale = _heartbeat_stale_numbers(ostudy)
-    running = ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return [t for t in running if t.number in stale or process_gone(str(t.user_attrs.get("worker", "")))]
+    stale = _heartbeat_stale_ids(ostudy)
+    return [
+        t
+        for t in running_trials(ostudy)
+        if t._trial_id in stale or process_gone(str(t.user_attrs.get("worker", "")))
+    ]
 
 
 def fail_dead_trials(
