@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -18,25 +20,24 @@ import torch.nn.functional as F
 import torchattacks
 
 from harness import attack as attack_cli
-from harness.adversarial import (
+from harness.attack import (
     EPS_UNITS,
     AttackError,
     AttackName,
+    AttackSettings,
     LinfSignAttack,
     curves,
     eps_sweep,
     evaluate_attacks,
-    gradient_flags,
-    input_gradient_stats,
-    iterative_flags,
     make_attack,
     margin_loss,
-    monotone_flags,
     parse_eps,
     parse_names,
-    predict,
-    set_target_offset,
 )
+from harness.attack.attacks import predicted_classes, set_target_offset
+from harness.attack.checks import gradient_flags, input_gradient_stats, iterative_flags, monotone_flags
+from harness.attack.outputs import write_outputs
+from harness.attack.tracked import report_metrics
 from models import create_model, list_models
 
 CLASSES = 5
@@ -81,10 +82,15 @@ def trained(one_thread):
 @pytest.fixture(scope="module")
 def report(trained):
     model, x, y = trained
-    return evaluate_attacks(
-        model, x, y, attacks=("fgsm", "bim", "pgd"), eps=(0, 0.05, 0.1, 0.2, 0.3), steps=10,
-        check_examples=40, check_steps=30, progress=False,
-    )  # fmt: skip
+    settings = AttackSettings(
+        attacks=["fgsm", "bim", "pgd"],
+        eps=[0, 0.05, 0.1, 0.2, 0.3],
+        targeted=True,
+        steps=10,
+        check_examples=40,
+        check_steps=30,
+    )
+    return evaluate_attacks(model, x, y, settings, progress=False)
 
 
 class Saturate(nn.Module):
@@ -229,8 +235,8 @@ def test_untargeted_counts_only_clean_correct_examples():
         model[1].bias.zero_()
     x = torch.tensor([[0.9, 0.1, 0, 0], [0.1, 0.9, 0, 0], [0.6, 0.4, 0, 0]]).view(3, 1, 2, 2)
     y = torch.tensor([0, 1, 1])  # the third is misclassified
-    table = eps_sweep(model, x, y, attacks=["fgsm"], eps=[0, 0.05, 0.5], losses=["margin"], targeted=True,
-                      progress=False)  # fmt: skip
+    settings = AttackSettings(attacks=["fgsm"], eps=[0, 0.05, 0.5], losses=["margin"], targeted=True)
+    table = eps_sweep(model, x, y, settings, progress=False)
     acc = curves(table).loc[("fgsm", "margin")]
     assert acc[0.0] == pytest.approx(2 / 3) and acc[0.05] == pytest.approx(2 / 3) and acc[0.5] == 0
     hit = curves(table, "targeted").loc[("fgsm", "margin")]
@@ -244,8 +250,10 @@ def test_untargeted_counts_only_clean_correct_examples():
 
 def test_masking_check_fires_on_saturated_outputs(trained):
     model, x, y = trained
-    r = evaluate_attacks(Saturate(model), x, y, attacks=("fgsm",), eps=(0, 0.1, 0.3), steps=3,
-                         check_examples=30, check_steps=20, targeted=False, progress=False)  # fmt: skip
+    settings = AttackSettings(
+        attacks=["fgsm"], eps=[0, 0.1, 0.3], steps=3, check_examples=30, check_steps=20, targeted=False
+    )
+    r = evaluate_attacks(Saturate(model), x, y, settings, progress=False)
     assert any(f.startswith("zero-gradient: ce") for f in r.flags), r.flags
     acc = curves(r.table)
     assert acc.loc[("fgsm", "ce"), 0.3] == r.clean_accuracy  # cross-entropy sees nothing ...
@@ -254,8 +262,10 @@ def test_masking_check_fires_on_saturated_outputs(trained):
 
 def test_masking_check_fires_on_zero_gradients(trained):
     model, x, y = trained
-    r = evaluate_attacks(Quantize(model), x, y, attacks=("fgsm", "bim"), eps=(0, 0.1), steps=3,
-                         check_examples=30, check_steps=10, targeted=False, progress=False)  # fmt: skip
+    settings = AttackSettings(
+        attacks=["fgsm", "bim"], eps=[0, 0.1], steps=3, check_examples=30, check_steps=10, targeted=False
+    )
+    r = evaluate_attacks(Quantize(model), x, y, settings, progress=False)
     kinds = {f.split(":")[0] for f in r.flags}
     assert {"zero-gradient", "unbounded-attack"} <= kinds, r.flags
     assert r.checks["unbounded_accuracy"] > 0.9
@@ -272,11 +282,12 @@ def test_nonfinite_gradients_are_flagged(trained):
         def forward(self, x):
             return self.inner(x) + 0 * torch.sqrt(x - x.detach()).sum()
 
-    stats = input_gradient_stats(NanGrad(), x[:8], y[:8], ["ce", "margin"])
+    stats = input_gradient_stats(NanGrad(), x[:8], y[:8], AttackSettings(losses=["ce", "margin"]))
     assert stats["margin"] == {"zero_fraction": 0.0, "nonfinite_fraction": 1.0}
     flags = gradient_flags(stats, max_zero_fraction=0.05)
     assert [f.split(":")[0] for f in flags] == ["nonfinite-gradient", "nonfinite-gradient"]
-    assert gradient_flags(input_gradient_stats(model, x[:8], y[:8], ["ce"]), 0.05) == []
+    stats = input_gradient_stats(model, x[:8], y[:8], AttackSettings(losses=["ce"]))
+    assert gradient_flags(stats, 0.05) == []
 
 
 def test_monotone_and_iterative_checks_on_tables():
@@ -334,10 +345,24 @@ def test_bad_arguments_fail_with_the_fix(trained):
     assert parse_eps("0.1, 0 ,0.1") == [0.0, 0.1]
 
 
+def test_settings_are_checked_in_one_place():
+    s = AttackSettings(
+        attacks="PGD, fgsm,pgd", eps="0.2,0,0.2", losses=["margin"], checkpoint="3"
+    ).validated()
+    assert (s.attacks, s.eps, s.losses, s.checkpoint) == (["pgd", "fgsm"], [0.0, 0.2], ["margin"], 3)
+    assert s.validated() == s and AttackSettings().validated() == AttackSettings()  # defaults are canonical
+    with pytest.raises(AttackError, match="check_steps must be at least 1, got 0"):
+        AttackSettings(check_steps=0).validated()
+    with pytest.raises(AttackError, match="unknown loss 'hinge': use one of 'ce', 'margin'"):
+        AttackSettings(losses=["hinge"]).validated()
+    light = "import sys; import harness.attack.settings; assert 'torch' not in sys.modules, 'torch loaded'"
+    subprocess.run([sys.executable, "-c", light], check=True)  # the report and study config read it
+
+
 def test_outputs_say_the_units_and_show_the_flags(trained, report, tmp_path):
     flagged = copy.copy(report)
     flagged.flags = ["zero-gradient: ce loss input gradient is exactly zero for 100.0% of examples"]
-    paths = attack_cli.write_outputs(flagged, tmp_path)
+    paths = write_outputs(flagged, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert data["eps_units"] == EPS_UNITS and data["flags"] == flagged.flags
     assert len(data["table"]) == len(report.table) and data["clean_accuracy"] == report.clean_accuracy
@@ -348,7 +373,7 @@ def test_outputs_say_the_units_and_show_the_flags(trained, report, tmp_path):
     assert "[0,1] pixel units of the model input" in text and "GRADIENT-MASKING FLAGS (1)" in text
     assert "eps=0.3" in text and "targeted success" in text
     assert "no flags" in attack_cli.format_report(report)
-    metrics = attack_cli.report_metrics(report)
+    metrics = report_metrics(report)
     assert metrics["attack/bim/worst/acc_eps_0.3"] == curves(report.table).loc[("bim", "worst"), 0.3]
     assert "attack/pgd/margin/targeted_success_eps_0.05" in metrics and "attack/fgsm/ce/acc_eps_0" in metrics
 
@@ -366,15 +391,15 @@ def test_every_registered_model_can_be_attacked(name):
     x, y = torch.rand(3, 1, 32, 32), torch.arange(3)
     adv = make_attack(model, "bim", "margin", 0.1, steps=1)(x, y)
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
-    r = evaluate_attacks(model, x, y, attacks=("fgsm",), eps=(0, 0.1), targeted=False, check_examples=3,
-                         check_steps=1, progress=False)  # fmt: skip
+    settings = AttackSettings(attacks=["fgsm"], eps=[0, 0.1], targeted=False, check_examples=3, check_steps=1)
+    r = evaluate_attacks(model, x, y, settings, progress=False)
     assert r.checks["input_gradients"]["margin"]["nonfinite_fraction"] == 0
     assert len(r.table) == 6 and r.table.accuracy.between(0, 1).all()
 
 
-def test_predict_matches_the_model(trained):
+def test_predicted_classes_match_the_model(trained):
     model, x, y = trained
-    pred, classes = predict(model, x, batch_size=7)
+    pred, classes = predicted_classes(model, x, batch_size=7)
     assert classes == CLASSES and torch.equal(pred, model(x).argmax(1))
 
 
@@ -413,8 +438,6 @@ def tracked_run(tmp_path_factory, one_thread):
 
 
 def test_cli_end_to_end_logs_into_the_run(tracked_run, capsys):
-    import mlflow
-
     from harness import tracking
 
     args = f"--fgsm --bim --targeted --run-id {tracked_run} --eps 0,0.05,0.1 --n-examples 40 --steps 3"
@@ -424,10 +447,10 @@ def test_cli_end_to_end_logs_into_the_run(tracked_run, capsys):
     assert "cnn_small" in out and "[0,1] pixel units of the model input" in out and "eps=0.1" in out
     assert "targeted success" in out and ("no flags" in out or "GRADIENT-MASKING FLAGS" in out)
 
-    run = mlflow.get_run(tracked_run)
-    m, tags = run.data.metrics, run.data.tags
+    run = tracking.get_run(tracked_run)
+    m, tags = run.metrics, run.tags
     model, cfg = tracking.load_model(tracked_run)
-    x, y, _ = attack_cli.load_examples(cfg, 40, seed=0)
+    x, y, _ = attack_cli.load_examples(cfg, AttackSettings(n_examples=40, seed=0))
     with torch.no_grad():
         clean = float((model(x).argmax(1) == y).float().mean())
     assert m["attack/clean_accuracy"] == pytest.approx(clean) and clean > 0.3  # chance is 0.2
@@ -446,8 +469,10 @@ def test_cli_end_to_end_logs_into_the_run(tracked_run, capsys):
 
 
 def test_study_mode_and_bad_input(tracked_run, capsys):
-    reports = attack_cli.attack_study(STUDY, attacks=["fgsm"], eps=[0, 0.1], losses=["ce"], targeted=False,
-                                      n_examples=20, checks=False, log=False, progress=False)  # fmt: skip
+    settings = AttackSettings(
+        attacks=["fgsm"], eps=[0, 0.1], losses=["ce"], targeted=False, n_examples=20, checks=False
+    )
+    reports = attack_cli.attack_study(STUDY, settings, log=False, progress=False)
     assert [r.run_id for r in reports] == [tracked_run] and reports[0].flags == []
     assert "checks: NOT RUN" in attack_cli.format_report(reports[0])
     assert attack_cli.main(["--study", "no_such_study", "--no-log"]) == 2

@@ -324,10 +324,17 @@ def real_store(store):
         parent.set_tags({"capsbench.stage.viewpoint": "done"})
         before = report.write_report(REAL, out_dir=tmp / "before_attack", log=False)
         for run_id in finals.values():
-            attack.attack_run(
-                run_id, attacks=("fgsm", "bim"), eps=(0.1,), losses=("ce", "margin"), targeted=True,
-                steps=1, n_examples=6, device="cpu", checks=False, progress=False,
-            )  # fmt: skip
+            settings = attack.AttackSettings(
+                attacks=["fgsm", "bim"],
+                eps=[0.1],
+                losses=["ce", "margin"],
+                targeted=True,
+                steps=1,
+                n_examples=6,
+                device="cpu",
+                checks=False,
+            )
+            attack.attack_run(run_id, settings, progress=False)
         parent.set_tags({"capsbench.stage.attack": "done"})
         parent.end()
         yield tmp, parent.run_id, finals, before
