@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from harness import tracking
-from harness.adversarial import EPS_UNITS
+from harness.attack.settings import EPS_UNITS
 from harness.intervals import Estimate, estimate
 from harness.progress import duration
 from harness.report.records import RECORDED_STAGES, StudyRecords

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.attack.settings import AttackError, AttackSettings
 from harness.config import (
     ConfigError,
     RunConfig,
@@ -102,21 +103,6 @@ class ViewpointConfig:
 
 
 @dataclass
-class AttackConfig:
-    attacks: list[str] = field(default_factory=lambda: ["fgsm", "bim", "pgd"])
-    eps: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.5])
-    losses: list[str] = field(default_factory=lambda: ["ce", "margin"])
-    targeted: bool = True  # also run the targeted variants
-    steps: int = 10  # iterations for BIM / PGD
-    n_examples: int = 1000  # test images attacked
-    device: str = "auto"
-    seed: int = 0
-    checks: bool = True  # gradient-masking checks (harness.adversarial)
-    check_examples: int = 100
-    check_steps: int = 50
-
-
-@dataclass
 class StudyConfig:
     description: str = ""
     experiment: str = ""  # MLflow experiment ("" = the study name)
@@ -130,7 +116,11 @@ class StudyConfig:
     synthnorb: SynthnorbConfig = field(default_factory=SynthnorbConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     viewpoint: ViewpointConfig = field(default_factory=ViewpointConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    attack: AttackSettings = field(  # the command line's defaults but for these four
+        default_factory=lambda: AttackSettings(
+            attacks=["fgsm", "bim", "pgd"], eps=[0.1, 0.2, 0.5], targeted=True, n_examples=1000
+        )
+    )
     name: str = ""  # set from the file name
 
 
@@ -316,8 +306,10 @@ def validate(cfg: StudyConfig) -> None:
         raise ConfigError(
             f"tune.capsule: margin_start {lo} must lie below margin_end {hi}; separate the ranges"
         )
-    if cfg.attack.n_examples < 1 or cfg.attack.steps < 1:
-        raise ConfigError("attack.n_examples and attack.steps must be >= 1")
+    try:
+        cfg.attack.validated()
+    except AttackError as e:
+        raise ConfigError(f"[attack] {e}") from None
 
 
 LOG_SCALE = {"final_lambda", "lr", "weight_decay"}  # search-space ranges sampled on a log scale

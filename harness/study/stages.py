@@ -286,21 +286,7 @@ def stage_attack(study: Study, parent) -> None:
         for model, seed, run_id in todo:
             which = run_label(model, seed, many)
             study.log(f"attack: {which} ({', '.join(a.attacks)} at eps {a.eps}, {a.n_examples} images)")
-            report = attack_run(
-                run_id,
-                attacks=a.attacks,
-                eps=a.eps,
-                losses=a.losses,
-                targeted=a.targeted,
-                steps=a.steps,
-                n_examples=a.n_examples,
-                device=a.device,
-                seed=a.seed,
-                checks=a.checks,
-                check_examples=a.check_examples,
-                check_steps=a.check_steps,
-                progress=bar.tty,
-            )
+            report = attack_run(run_id, a, progress=bar.tty)
             if getattr(report, "flags", None):
                 study.log(f"attack: {which} gradient-masking flags: {report.flags}")
             state = study.state()
