@@ -191,7 +191,7 @@ def test_a_worker_whose_share_is_done_waits_for_the_trial_another_machine_holds(
     helper.start()
     try:
         assert "1 running, 0 failed" in status_text(cfg, tmp / "elsewhere", url)
-        study = run_study(cfg, root=tmp / "studies", storage=url, fit="scale_fake_fit:fit")
+        study = run_study(cfg, root=tmp / "studies", storage=url, fit_target="scale_fake_fit:fit")
     finally:
         stop.set()
         helper.join()
@@ -215,7 +215,7 @@ def test_a_dead_machines_trial_is_failed_retried_and_its_runs_closed(env):
     assert "0 running, 1 dead (a waiting worker or the next run fails and retries them)" in status
     assert f"dead: trial 0 of {OTHER} (process gone or no heartbeat within tune.grace_period)" in status
 
-    study = run_study(cfg, root=tmp / "studies", storage=url, fit="scale_fake_fit:fit")
+    study = run_study(cfg, root=tmp / "studies", storage=url, fit_target="scale_fake_fit:fit")
     ts = optuna.load_study(study_name="shared.cnn_small", storage=url).get_trials(deepcopy=False)
     assert ts[0].state.name == "FAIL"
     retries = [t for t in ts if t.user_attrs.get("retry_of") == 0]

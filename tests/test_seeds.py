@@ -137,7 +137,7 @@ def test_seeds_must_be_distinct(env):  # noqa: F811
 def test_every_seed_gets_its_own_named_final_run(env):  # noqa: F811
     tmp, study_file = env
     cfg = seeded(tmp, study_file)
-    study = run_study(cfg, root=tmp / "studies", fit="seeded_fit:fit")
+    study = run_study(cfg, root=tmp / "studies", fit_target="seeded_fit:fit")
     runs = study_runs("tiny")
     finals = [r for r in runs if r.data.tags.get("capsbench.role") == "final"]
     names = sorted(r.data.tags["mlflow.runName"] for r in finals)
@@ -191,12 +191,12 @@ def test_a_failed_seed_resumes_without_retraining_the_others(env, monkeypatch): 
     cfg = seeded(tmp, study_file)
     monkeypatch.setenv("FAIL_FINAL", "cnn_small:1")
     with pytest.raises(RuntimeError, match="injected failure"):
-        run_study(cfg, root=tmp / "studies", fit="seeded_fit:fit")
+        run_study(cfg, root=tmp / "studies", fit_target="seeded_fit:fit")
     state = json.loads((tmp / "studies" / "tiny" / "state.json").read_text())
     done_before = {m: dict(r) for m, r in state["seed_runs"].items()}
     assert set(done_before["em_capsnet_small"]) == {"0", "1"} and set(done_before["cnn_small"]) == {"0"}
     monkeypatch.delenv("FAIL_FINAL")
-    study = run_study(cfg, root=tmp / "studies", fit="seeded_fit:fit")
+    study = run_study(cfg, root=tmp / "studies", fit_target="seeded_fit:fit")
     state = json.loads((study.folder / "state.json").read_text())
     for model, runs in done_before.items():
         assert all(state["seed_runs"][model][s] == r for s, r in runs.items())  # kept, not retrained

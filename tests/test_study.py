@@ -70,7 +70,7 @@ def run_in_child(path, overrides, root):
     from harness.study import run_study
     from harness.study.config import load_study
 
-    run_study(load_study(path, overrides), root=Path(root), fit="fake_fit:fit")
+    run_study(load_study(path, overrides), root=Path(root), fit_target="fake_fit:fit")
 '''
 
 TINY = """
@@ -230,7 +230,7 @@ def test_a_rerun_may_not_change_what_finished_work_used(env):
 def test_two_workers_lose_no_trial_and_mlflow_nests_every_trial(env):
     tmp, study_file = env
     cfg = load_study(study_file)
-    study = run_study(cfg, root=tmp / "studies", workers=2, fit="fake_fit:fit")
+    study = run_study(cfg, root=tmp / "studies", workers=2, fit_target="fake_fit:fit")
     runs = study_runs("tiny")
     parent = [r for r in runs if r.data.tags.get("capsbench.kind") == "study"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
@@ -273,7 +273,7 @@ def test_rdb_storage_url_holds_the_trials(env):
     tmp, study_file = env
     url = f"sqlite:///{tmp / 'optuna.db'}"
     cfg = load_study(study_file, ["tune.n_trials=2", "stages=tune"])
-    run_study(cfg, root=tmp / "studies", storage=url, fit="fake_fit:fit")
+    run_study(cfg, root=tmp / "studies", storage=url, fit_target="fake_fit:fit")
     for model in cfg.models:
         assert len(counted(optuna.load_study(study_name=f"tiny.{model}", storage=url).trials)) == 2
     assert not (tmp / "studies" / "tiny" / "optuna.journal").exists()
@@ -309,7 +309,7 @@ def test_killed_study_resumes_without_losing_or_duplicating_anything(env, monkey
 
     monkeypatch.setenv("FAKE_FIT_SLEEP", "0")
     cfg = load_study(study_file)
-    study = run_study(cfg, root=root, fit="fake_fit:fit")
+    study = run_study(cfg, root=root, fit_target="fake_fit:fit")
     ts = trials(root, "tiny", model)
     assert len(counted(ts)) == 4 and before < 4
     dead = ts[killed_trial.number]
@@ -330,7 +330,7 @@ def test_killed_study_resumes_without_losing_or_duplicating_anything(env, monkey
     # a third run does nothing new
     n_runs = len(runs)
     state = json.loads((study.folder / "state.json").read_text())
-    run_study(cfg, root=root, fit="fake_fit:fit")
+    run_study(cfg, root=root, fit_target="fake_fit:fit")
     assert len(study_runs("tiny")) == n_runs
     assert json.loads((study.folder / "state.json").read_text())["stages"] == state["stages"]
     assert "to do: none" in (study.folder / "study.log").read_text().splitlines()[-1]

@@ -69,16 +69,16 @@ def run_study(
     storage: str | None = None,
     workers: int = 1,
     fresh: bool = False,
-    fit: str = FIT_TARGET,
+    fit_target: str = FIT_TARGET,
 ) -> Study:
     """Run every stage in ``cfg.stages`` that is not done yet; the parent run ends FINISHED when all are.
 
-    ``fit`` is the "module:function" trials and final runs call (tests pass a fake).
+    ``fit_target`` is the "module:function" trials and final runs call (tests pass a fake).
     """
     from harness import tracking
 
     check_runs(cfg)  # before the folder records (and locks in) any setting
-    study = open_study(cfg, root, storage=storage, workers=workers, fresh=fresh, fit_target=fit)
+    study = open_study(cfg, root, storage=storage, workers=workers, fresh=fresh, fit_target=fit_target)
     parent = open_parent_run(study)
     study.log(f"runs: `make ui`, then open {tracking.ui_url(parent.experiment_id)}")
     status = "FAILED"

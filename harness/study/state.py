@@ -31,7 +31,7 @@ from harness.study.config import (
 )
 
 DEFAULT_ROOT = PROJECT_ROOT / "runs" / "studies"
-# "module:function" that trials and final runs call; tests inject a fake with run_study(fit=...)
+# "module:function" that trials and final runs call; tests inject a fake with run_study(fit_target=...)
 FIT_TARGET = "harness.train:fit"
 
 
