@@ -75,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = flatten(RunConfig())
     for flag in FLAGS:
-        value = (
+        kind = (
             dict(action="store_true", default=None)
             if flag.switch
             else dict(type=flag.type, choices=flag.choices)
         )
-        p.add_argument(flag.name, help=f"{flag.help} [{flag.key}, default {defaults[flag.key]!r}]", **value)
+        p.add_argument(flag.name, help=f"{flag.help} [{flag.key}, default {defaults[flag.key]!r}]", **kind)
     p.add_argument(
         "--resume",
         metavar="RUN_ID",
