@@ -10,6 +10,7 @@ Plots use matplotlib's Agg backend (no display needed).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import matplotlib
@@ -37,17 +38,13 @@ def predict(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode logits (float32, CPU, N×classes) and labels (int64, CPU, N) in dataset order."""
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     logits, labels = [], []
-    try:
+    with _eval_mode(model):
         for x, y, _ in data.iterate(dataset, batch_size, shuffle=False, train=False, seed=0, device=device):
             with autocast(device, precision):
                 out = model(x)
             logits.append(out.float().cpu())
             labels.append(y.cpu())
-    finally:
-        model.train(was_training)
     if not logits:
         raise ValueError(f"dataset {getattr(dataset, 'name', '?')}/{getattr(dataset, 'split', '?')} is empty")
     return torch.cat(logits), torch.cat(labels)
@@ -78,10 +75,8 @@ def predict_multicrop(
             "turn train.multicrop off for this dataset"
         )
     offsets = sorted(set(range(0, side - crop + 1, stride)) | {side - crop, (side - crop) // 2})
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with _eval_mode(model):
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device).float().div_(255)  # B×C×S×S
             probs = 0
@@ -91,8 +86,6 @@ def predict_multicrop(
                         logit = model(batch[:, :, dy : dy + crop, dx : dx + crop])  # B×K
                     probs = probs + logit.float().softmax(dim=1)
             out.append((probs / len(offsets) ** 2).log().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out), labels.clone()
 
 
@@ -209,3 +202,14 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model.eval()`` inside, the model's own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models import register_model
+from models._registry import register_model
 from models.normalization import PerImageStandardize
 
 
@@ -52,19 +52,13 @@ class BaselineCNN(nn.Module):
         return self.head(self.features(self.normalize(x)))
 
 
-def _create_cnn(variant: str, **kwargs) -> BaselineCNN:
-    return BaselineCNN(**kwargs)
-
-
 @register_model
 def cnn_baseline(**kwargs) -> BaselineCNN:
     """The paper's CNN baseline (≈4.2M parameters on 32×32)."""
-    model_args = dict(widths=(32, 64), hidden=1024)
-    return _create_cnn("cnn_baseline", **dict(model_args, **kwargs))
+    return BaselineCNN(**dict(dict(widths=(32, 64), hidden=1024), **kwargs))
 
 
 @register_model
 def cnn_small(**kwargs) -> BaselineCNN:
     """The baseline's shape at em_capsnet's parameter budget (≈320K parameters on 32×32)."""
-    model_args = dict(widths=(16, 32), hidden=150)
-    return _create_cnn("cnn_small", **dict(model_args, **kwargs))
+    return BaselineCNN(**dict(dict(widths=(16, 32), hidden=150), **kwargs))

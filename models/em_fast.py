@@ -46,6 +46,7 @@ import torch
 from models import em_cpu
 from models.em_fast_routing import PatchSoftmax, route, route_backward
 from models.em_routing import routing_dtype
+from models.global_softmax import GlobalSoftmax
 
 CHUNK_BYTES = 16 * 2**20  # bytes of v and v² per chunk of images (forward and backward go chunk by chunk)
 
@@ -191,8 +192,6 @@ def conv_caps(poses, acts, weight, beta_u, beta_a, kernel, stride, competition, 
 
     Returns poses (N·L, C, 16) and activations (N·L, C), L = Ho·Wo, routing groups in (n, ho, wo) order.
     """
-    from models.capsules import GlobalSoftmax  # capsules imports this module
-
     N, H, W, B, _ = poses.shape
     K, s = kernel, stride
     I = K * K * B

@@ -16,7 +16,7 @@ Children i (activation a_i) vote V_ij (16-vectors) for parents j. For t = 1..T:
 
 The softmax's scope is a parameter (``normalize``): per routing group (the default, over the last axis)
 or, for convolutional capsules with global competition, over every parent at every position a child
-votes for (``models.capsules.GlobalSoftmax``). Routing runs in float32 (float64 stays float64) even
+votes for (``models.global_softmax``). Routing runs in float32 (float64 stays float64) even
 under autocast.
 """
 

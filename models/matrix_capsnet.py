@@ -18,10 +18,11 @@ from enum import StrEnum
 import torch
 import torch.nn as nn
 
-from models import register_model
-from models.capsules import ClassCaps, Competition, ConvCaps, PrimaryCaps, Routing, conv_out_size
+from models._registry import register_model
+from models.capsules import ClassCaps, Competition, ConvCaps, PrimaryCaps, Routing
 from models.choices import parse_choice
 from models.em_routing import DEFAULT_VAR_FLOOR, CostNorm, inverse_temperatures
+from models.global_softmax import conv_out_size
 from models.normalization import PerImageStandardize
 
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from em_loop import loop_em
 
 import models
-from models.capsules import ClassCaps, ConvCaps, GlobalSoftmax
+from models.capsules import ClassCaps, ConvCaps
+from models.global_softmax import GlobalSoftmax
 
 pytestmark = pytest.mark.usefixtures("fast_engine")  # every test on both engines of the fast path
 
