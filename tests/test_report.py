@@ -278,7 +278,7 @@ def real_store(store):
     """A parent run with two final runs trained by harness.train.fit, matched protocol, then attacks.
 
     Returns (folder, parent run id, {model: run id}, report written before the attack stage).
-    Built the way harness/study.py records a study (docs/contracts.md "Study records"), minus tuning.
+    Built the way harness.study records a study (docs/contracts.md "Study records"), minus tuning.
     """
     from harness import attack, data, train
     from harness import viewpoint as vp

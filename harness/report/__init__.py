@@ -4,7 +4,7 @@
     python -m harness.report smallnorb_azimuth --out /tmp/r --no-log
 
 Reads the study's runs (parent run, Optuna trial runs, final runs with their attack metrics; see
-docs/contracts.md "Tracking" and "Study records") through harness/tracking.py, and writes
+docs/contracts.md "Tracking" and "Study records") through harness.tracking, and writes
 ``reports/NAME/report.md``, a self-contained ``reports/NAME/report.html`` (figures embedded as data
 URIs) and the PNGs, then logs them to the study's parent run under ``report/``, with the summary as
 parent-run metrics (``caps/test_error``, ``cnn/novel_error_matched``, ``caps/fgsm_acc_eps_0.1``, ...) and

@@ -1,4 +1,4 @@
-"""The records of a study, as the comparison report reads them from MLflow (through harness/tracking.py).
+"""The records of a study, as the comparison report reads them from MLflow (through harness.tracking).
 
 ``collect(name) -> StudyRecords``: the study's parent run, its final runs (per-epoch histories and the
 attack metrics logged into them; with several training seeds, one run per model and seed), the Optuna
