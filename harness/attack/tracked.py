@@ -94,9 +94,10 @@ def attack_run(
 
 def study_final_runs(study: str) -> list[tuple[str, str]]:
     """(run_id, model name) of a study's final models (tags capsbench.study=NAME, capsbench.role=final)."""
-    if not tracking.study_runs(study):
+    runs = tracking.study_runs(study)
+    if not runs:
         raise AttackError(f"study {study!r} has no runs in {tracking.tracking_uri()}; run the study first")
-    final = tracking.find_runs({"capsbench.study": study, "capsbench.role": "final"})
+    final = [r for r in runs if r.tags.get("capsbench.role") == "final"]
     if not final:
         raise AttackError(
             f"study {study!r} has no final runs yet (capsbench.role=final); run its train stage"

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from harness import tracking
+from harness.data import familiar_mask
 from harness.paths import PROJECT_ROOT
 from harness.report import figures as figs
 from harness.report.fanova import importances
@@ -31,12 +32,12 @@ def write_report(name: str, *, out_dir: str | Path | None = None, log: bool = Tr
     out = Path(out_dir) if out_dir else reports_root() / name
     out.mkdir(parents=True, exist_ok=True)
     log = log and records.parent is not None
+    table = comparison_table(records)
+    summary = summary_metrics(table) if not table.empty else {}
     if log:  # first, so that the page's link to the runs names the view
-        table = comparison_table(records)
-        summary = summary_metrics(table) if not table.empty else {}
         tracking.share_runs_view(records.parent.experiment_id, side_by_side(summary))
     figures, skipped = make_figures(records, out)
-    blocks = build_blocks(records, figures, skipped)
+    blocks = build_blocks(records, table, figures, skipped)
     (out / "report.md").write_text(render_markdown(blocks))
     path = out / "report.html"
     path.write_text(render_html(blocks, out))
@@ -178,11 +179,6 @@ def heatmap_grids(records: StudyRecords) -> dict[str, dict]:
 def _familiar_grid(view: str, elevations: list[int], azimuths: list[int]) -> np.ndarray | None:
     if view not in ("azimuth", "elevation"):
         return None
-    try:
-        from harness.data import familiar_mask
-    except ImportError:  # the outline is a nicety; the heatmap stands without it
-        return None
-
     el, az = np.meshgrid(elevations, azimuths, indexing="ij")  # elevations × azimuths
     meta = pd.DataFrame({"elevation": el.ravel(), "azimuth": az.ravel()})
     return np.asarray(familiar_mask(meta, view)).reshape(el.shape)

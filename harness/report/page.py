@@ -4,9 +4,11 @@ error table, the accuracy-under-attack table, what is missing, notes, figures an
 
 from __future__ import annotations
 
+import pandas as pd
+
 from harness.report.notes import headline, provenance, study_notes
 from harness.report.records import StudyRecords
-from harness.report.tables import comparison_table, split_comparison
+from harness.report.tables import split_comparison
 
 TABLE_NOTE = (
     "Errors in %, one row per final model. Test error: the final epoch, on every test image (familiar and "
@@ -27,10 +29,12 @@ ATTACK_NOTE = (
 )
 
 
-def build_blocks(records: StudyRecords, figures: list[tuple[str, str]], skipped: list[str]) -> list[tuple]:
-    """The page: the answer in one sentence, the tables, what is missing, notes, figures, provenance."""
+def build_blocks(
+    records: StudyRecords, table: pd.DataFrame, figures: list[tuple[str, str]], skipped: list[str]
+) -> list[tuple]:
+    """The page: the answer in one sentence, the tables (``table`` = ``comparison_table(records)``), what is
+    missing, notes, figures, provenance."""
     blocks: list[tuple] = [("h1", f"capsbench report: {records.name}"), ("p", f"**{headline(records)}**")]
-    table = comparison_table(records)
     blocks.append(("h2", "Summary: errors"))
     if table.empty:
         blocks.append(("p", "No final runs yet, so no summary rows."))

@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
-
 from harness import checkpoint
 from harness.config import RunConfig, from_dict
 from harness.tracking.runs import CONFIG_FILE
@@ -17,8 +15,8 @@ from harness.tracking.store import (
     CheckpointFileError,
     TrackingError,
     client,
+    existing_run,
     local_artifact_path,
-    tracking_uri,
 )
 
 CHECKPOINT_DIR = "checkpoints"
@@ -33,10 +31,7 @@ RESUME_PREVIOUS_FILE = f"{CHECKPOINT_DIR}/resume_previous.pt"  # the epoch befor
 def download_artifact(run_id: str, artifact_file: str) -> Path:
     """Local path of a run's artifact (read in place for a local store, else downloaded to a temp dir)."""
     c = client()
-    try:
-        info = c.get_run(run_id).info
-    except mlflow.exceptions.MlflowException as e:
-        raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
+    info = existing_run(c, run_id).info
     local = local_artifact_path(info.artifact_uri)
     if local is not None:
         path = local / artifact_file

@@ -13,8 +13,8 @@ import time
 
 import mlflow
 
-from harness.tracking.queries import find_runs
-from harness.tracking.store import TrackingError, client, tracking_uri
+from harness.tracking.queries import find_runs, get_run
+from harness.tracking.store import TrackingError, client, existing_run, tracking_uri
 
 OWNER_HOST = "capsbench.owner.host"
 
@@ -87,10 +87,7 @@ def mark_owner_gone(run_id: str, tags: dict[str, str]) -> None:
 def claim_run(run_id: str, *, force: bool = False) -> str | None:
     """Check before resuming ``run_id``: a RUNNING run whose owner is alive (or cannot be checked from here)
     is refused unless ``force``; one whose owner is gone is marked so. Returns a note when it marked it."""
-    try:
-        run = client().get_run(run_id)
-    except mlflow.exceptions.MlflowException as e:
-        raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
+    run = existing_run(client(), run_id)
     if run.info.status != "RUNNING":
         return None
     tags = run.data.tags
@@ -137,7 +134,7 @@ def end_running_runs(experiment: str, tags: dict[str, str], status: str) -> list
 def running_run_tags(run_id: str) -> dict[str, str] | None:
     """The tags of run ``run_id`` while it is RUNNING; None when it ended or does not exist."""
     try:
-        run = client().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
+        run = get_run(run_id)
+    except TrackingError:
         return None
-    return dict(run.data.tags) if run.info.status == "RUNNING" else None
+    return run.tags if run.status == "RUNNING" else None

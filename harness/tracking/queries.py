@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import mlflow
-
-from harness.tracking.store import TrackingError, client, tracking_uri
+from harness.tracking.store import client, existing_run
 
 EPOCH_METRICS = ("train_loss", "train_error", "val_error", "test_error", "test_familiar_error",
                  "test_novel_error", "margin", "lr", "samples_per_s", "epoch_seconds")  # fmt: skip
@@ -60,14 +58,11 @@ def study_runs(study: str) -> list[RunRecord]:
 
 def get_run(run_id: str) -> RunRecord:
     """One run's record; a TrackingError naming the store when it does not exist."""
-    try:
-        return _record(client().get_run(run_id))
-    except mlflow.exceptions.MlflowException as e:
-        raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
+    return _record(existing_run(client(), run_id))
 
 
 def run_status(run_id: str) -> str:
-    return client().get_run(run_id).info.status
+    return get_run(run_id).status
 
 
 def metric_histories(run_id: str, keys=EPOCH_METRICS):

@@ -22,7 +22,14 @@ from mlflow.entities import Metric, Param, RunTag
 from harness import checkpoint
 from harness.config import RunConfig, dumps_toml, to_dict
 from harness.tracking.owners import owner_tags
-from harness.tracking.store import TrackingError, client, experiment_id, local_artifact_path, tracking_uri
+from harness.tracking.store import (
+    TrackingError,
+    client,
+    existing_run,
+    experiment_id,
+    local_artifact_path,
+    tracking_uri,
+)
 
 _BATCH = {"metrics": 900, "params": 90, "tags": 90}  # MLflow takes at most 1000 metrics, 100 params/tags
 
@@ -129,10 +136,7 @@ def start_run(
 def resume_run(run_id: str, *, system_metrics: bool = True) -> TrackedRun:
     """Reopen an existing run (status back to RUNNING, this process its owner) to continue logging into it."""
     c = client()
-    try:
-        c.get_run(run_id)
-    except mlflow.exceptions.MlflowException as e:
-        raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
+    existing_run(c, run_id)
     c.update_run(run_id, status="RUNNING")
     c.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner_tags().items()])
     return TrackedRun(run_id, system_metrics=system_metrics, resumed=True)
@@ -148,10 +152,7 @@ def log_attack_results(
 ) -> None:
     """Metrics (step 0), tags and the files of ``local_dir`` into an existing (possibly finished) run."""
     c = client()
-    try:
-        c.get_run(run_id)
-    except mlflow.exceptions.MlflowException as e:
-        raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
+    existing_run(c, run_id)
     _log_batches(c, run_id, metrics=_metrics(metrics, 0))
     _log_batches(c, run_id, tags=[RunTag(k, _text(v)[:8000]) for k, v in tags.items()])
     c.log_artifacts(run_id, str(local_dir), artifact_path)

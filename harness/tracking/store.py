@@ -53,6 +53,14 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+def existing_run(c: MlflowClient, run_id: str):
+    """MLflow's record of run ``run_id``; a TrackingError naming the store when there is none."""
+    try:
+        return c.get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingError(f"run {run_id!r} not found in {tracking_uri()}; check the id in mlflow ui") from e
+
+
 def experiment_id(name: str) -> str:
     """The id of experiment ``name``, created (with its artifact folder) when missing."""
     c = client()
