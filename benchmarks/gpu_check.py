@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from harness import data, evaluate, losses  # noqa: E402
-from harness.config import LossConfig  # noqa: E402
+from harness.config import LossConfig, OptimConfig  # noqa: E402
 from harness.device import autocast  # noqa: E402
 
 PAPER = dict(recipe="paper")
@@ -49,7 +49,7 @@ def job(label, model=CAPS, device="cpu", dataset="fashion_mnist", train_images=1
         train_images=train_images,
         epochs=epochs,
         model_args=kw.pop("model_args", {}),
-        lr=kw.pop("lr", 3e-3),
+        lr=kw.pop("lr", 0.0),  # 0: the model's default_lr, as in the runner
         batch_size=kw.pop("batch_size", 32),
         precision=kw.pop("precision", "fp32"),
         root=kw.pop("root", ""),
@@ -69,9 +69,9 @@ def plan(synthnorb_root: str) -> list[dict]:
     ]
     jobs = [job(f"10k_{name}", model_args=args) for name, args in caps]
     jobs += [job("10k_lr1e-3", lr=1e-3), job("10k_batch64", batch_size=64)]
-    jobs += [job("10k_cnn", model="cnn_small", lr=1e-3)]
+    jobs += [job("10k_cnn", model="cnn_small")]
     full = dict(device="cuda", train_images=0, epochs=10)
-    jobs += [job("full_caps", **full), job("full_cnn", model="cnn_small", lr=1e-3, **full)]
+    jobs += [job("full_caps", **full), job("full_cnn", model="cnn_small", **full)]
     jobs += [job("full_caps_paper", model_args=PAPER, **full)]
     norb = dict(
         model="em_capsnet", device="cuda", dataset="synthnorb", train_images=0, epochs=30, root=synthnorb_root
@@ -109,8 +109,8 @@ def run_job(spec: dict, out: Path, deadline: float) -> None:
     model = models.create_model(spec["model"], **shape, **spec["model_args"]).to(device)
     loss_fn = losses.get_loss(model.default_loss)
     loss_cfg = LossConfig()
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec["lr"])
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.96)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec["lr"] or model.default_lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=OptimConfig().lr_decay)
     steps = -(-len(train_ds) // spec["batch_size"])
     seconds = 0.0
     for epoch in range(1, spec["epochs"] + 1):

@@ -38,8 +38,7 @@ from harness.data import DataError
 from harness.errors import cli_errors
 from harness.study.config import model_family
 
-# each family at its best measured learning rate (docs/capsule_recipe.md)
-DEFAULT_ENTRIES = ["caps=em_capsnet_small", "cnn=cnn_small,optim.lr=0.001"]
+DEFAULT_ENTRIES = ["caps=em_capsnet_small", "cnn=cnn_small"]  # each at its family's own defaults
 DEFAULT_DATA = ["fashion_mnist", "synthnorb"]
 EXPERIMENT = "learnbench"
 SYNTHNORB_FOLDER = "synthnorb-48px-2light"  # shared with studies/synthnorb_azimuth.toml

@@ -17,6 +17,7 @@ from models.normalization import PerImageStandardize
 class BaselineCNN(nn.Module):
     family = "cnn"
     default_loss = "cross_entropy"
+    default_lr = 1e-3  # the runner's optim.lr when left at 0 (docs/capsule_recipe.md)
 
     def __init__(
         self,

@@ -80,7 +80,9 @@ class Workspace(threading.local):
     def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = math.prod(shape)
         buf = self.buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+        stale = buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device
+        # a buffer made under torch.inference_mode (evaluation) may not be written outside it (training)
+        if stale or (buf.is_inference() and not torch.is_inference_mode_enabled()):
             buf = self.buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel].view(shape)
 

@@ -34,6 +34,7 @@ class Conv1Norm(StrEnum):
 class MatrixCapsNet(nn.Module):
     family = "capsule"
     default_loss = "spread"
+    default_lr = 3e-3  # the runner's optim.lr when left at 0 (docs/capsule_recipe.md)
 
     def __init__(
         self,

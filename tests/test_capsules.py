@@ -198,3 +198,17 @@ def test_cuda_fast_matches_cpu_reference_under_bf16(competition):
         got = gpu(x.cuda())
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert (got.argmax(-1).cpu() == want.argmax(-1)).float().mean() >= 0.75
+
+
+def test_training_after_evaluation_in_inference_mode():
+    """Evaluation runs under torch.inference_mode and leaves the fast path's buffers behind; the next
+    training step must not write into them (it did on the torch-ops engine, the one CUDA runs)."""
+    torch.manual_seed(0)
+    model = models.create_model("em_capsnet_small", num_classes=10, input_size=28)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.inference_mode():
+        evaluated = model(x)
+    trained = model(x)
+    trained.sum().backward()
+    assert torch.allclose(trained.detach(), evaluated)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -23,7 +23,7 @@ def test_forward_backward_finite(name, in_channels, size):
     torch.manual_seed(0)
     model = models.create_model(name, in_channels=in_channels, num_classes=5, input_size=size)
     assert model.family in ("capsule", "cnn") and model.default_loss in ("spread", "cross_entropy")
-    assert model.num_classes == 5
+    assert model.num_classes == 5 and 0 < model.default_lr < 0.1  # the runner's optim.lr when that is 0
     x = torch.rand(2, in_channels, size, size)
     x[1] = 0.5  # a blank image: per-image standardisation must not divide by zero
     logits = model(x)

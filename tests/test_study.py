@@ -48,7 +48,7 @@ def fit(cfg, *, parent_run_id=None, tags=None, epoch_callback=None, resume_run_i
         run = tracking.start_run(cfg.experiment, cfg.run_name, tags=tags, parent_run_id=parent_run_id,
                                  system_metrics=False)
     lam = cfg.model.args.get("final_lambda", 0.01)
-    base = abs(math.log10(cfg.optim.lr) + 2.5) / 4 + abs(math.log10(lam) + 2) / 4 + 0.05
+    base = abs(math.log10(cfg.optim.lr or 3e-3) + 2.5) / 4 + abs(math.log10(lam) + 2) / 4 + 0.05
     history, status = [], "FAILED"
     try:
         for epoch in range(1, cfg.train.epochs + 1):
@@ -159,11 +159,12 @@ def test_required_study_files_exist():
 def test_per_model_settings_and_overrides_apply():
     cfg = load_study(
         "demo",
-        ["tune.n_trials=5", "run.train.epochs=7", "per_model.em_capsnet_small.model.args.routing_iters=2"],
-    )
+        ["tune.n_trials=5", "run.train.epochs=7", "per_model.em_capsnet_small.model.args.routing_iters=2",
+         "per_model.cnn_small.optim.lr=0.002"],
+    )  # fmt: skip
     assert cfg.tune.n_trials == 5 and cfg.run.train.epochs == 7
-    assert run_config(cfg, "cnn_small").optim.lr == 1e-3
-    assert run_config(cfg, "em_capsnet_small").optim.lr == cfg.run.optim.lr
+    assert run_config(cfg, "cnn_small").optim.lr == 0.002
+    assert run_config(cfg, "em_capsnet_small").optim.lr == cfg.run.optim.lr == 0  # the model's default_lr
     assert run_config(cfg, "em_capsnet_small").model.args == {"routing_iters": 2}
     assert "routing_iters" not in run_config(cfg, "cnn_small").model.args
     with pytest.raises(ConfigError, match="unknown key 'bogus'"):

@@ -109,7 +109,7 @@ def test_cnn_learns_on_synthnorb_and_the_run_record_is_complete(synth_cfg):
     )
     assert m["best_val_error"] == pytest.approx(min(h["val_error"] for h in result.history))
     lrs = [h.value for h in client.get_metric_history(result.run_id, "lr")]
-    assert lrs == pytest.approx([0.002, 0.002 * 0.96, 0.002 * 0.96**2])
+    assert lrs == pytest.approx([0.002, 0.002 * 0.8, 0.002 * 0.8**2])
     assert artifacts(result.run_id) == [
         "checkpoints/model_best.pt",
         "checkpoints/model_epoch_001.pt",
@@ -144,6 +144,8 @@ def test_cnn_learns_fashion_mnist_subset():
     )
     result = train.fit(cfg)
     assert result.final_test_error < 0.35  # chance is 0.9
+    assert mlflow.get_run(result.run_id).data.params["optim.lr"] == "0.001"  # optim.lr=0: CNNs' default_lr
+    assert result.history[0]["lr"] == 0.001
     assert "viewpoint/errors.json" not in artifacts(result.run_id)  # no viewpoint metadata in MNIST-likes
 
 
@@ -154,6 +156,7 @@ def test_capsule_run_trains_and_reloads(synth_cfg):
     assert result.status == "FINISHED" and result.history[0]["train_loss"] > 0
     run = mlflow.get_run(result.run_id)
     assert run.data.tags["capsbench.family"] == "capsule" and run.data.tags["capsbench.loss"] == "spread"
+    assert run.data.params["optim.lr"] == "0.003" and result.history[0]["lr"] == 0.003  # capsules' default_lr
     margin = result.history[0]["margin"]
     assert run.data.metrics["margin"] == pytest.approx(margin) and 0.2 < margin < 0.3
     model, _ = tracking.load_model(result.run_id)

@@ -7,7 +7,7 @@ import os
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -64,9 +64,10 @@ def check_config(cfg: RunConfig) -> None:
     ]:
         if value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
-    if not (cfg.optim.lr > 0 and 0 < cfg.optim.lr_decay <= 1):
+    if not (cfg.optim.lr >= 0 and 0 < cfg.optim.lr_decay <= 1):
         raise ConfigError(
-            f"optim.lr={cfg.optim.lr} must be > 0 and optim.lr_decay={cfg.optim.lr_decay} in (0, 1]"
+            f"optim.lr={cfg.optim.lr} must be > 0 (or 0 for the model's default) and "
+            f"optim.lr_decay={cfg.optim.lr_decay} in (0, 1]"
         )
     try:
         losses.check_loss_config(cfg.loss)
@@ -119,6 +120,13 @@ def build_model(cfg: RunConfig, train_ds) -> nn.Module:
         raise ConfigError(f"model {cfg.model.name!r} rejected its arguments ({e}); check model.args") from e
 
 
+def with_model_defaults(cfg: RunConfig, model: nn.Module) -> RunConfig:
+    """``cfg`` with ``optim.lr = 0`` replaced by the model's ``default_lr``: runs log the rate they used."""
+    if cfg.optim.lr:
+        return cfg
+    return replace(cfg, optim=replace(cfg.optim, lr=model.default_lr))
+
+
 @dataclass
 class Training:
     """A training's moving parts: built before the first epoch, ``history`` onwards updated after each."""
@@ -157,6 +165,7 @@ def build_training(cfg: RunConfig, state: dict | None = None) -> Training:
             f"train.multicrop needs images larger than the model input; {cfg.data.name} has none"
         )
     model = build_model(cfg, ds.train).to(device)
+    cfg = with_model_defaults(cfg, model)
     loss_name = losses.resolve_loss_name(cfg.loss.name, model.default_loss)
     optimizer = OPTIMIZERS[cfg.optim.optimizer](
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
