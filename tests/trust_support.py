@@ -27,7 +27,7 @@ def temp_store(tmp_path_factory):
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
-        tracking.client()  # points the fluent API these helpers use at this store, not an earlier one
+        mlflow.set_tracking_uri(tracking.tracking_uri())  # the fluent API these helpers use: this store
         yield path
     mlflow.set_tracking_uri(None)  # back to $MLFLOW_TRACKING_URI
     torch.set_num_threads(threads)

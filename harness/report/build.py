@@ -33,8 +33,8 @@ def write_report(name: str, *, out_dir: str | Path | None = None, log: bool = Tr
     out.mkdir(parents=True, exist_ok=True)
     log = log and records.parent is not None
     table = comparison_table(records)
-    summary = summary_metrics(table) if not table.empty else {}
     if log:  # first, so that the page's link to the runs names the view
+        summary = summary_metrics(table) if not table.empty else {}
         tracking.share_runs_view(records.parent.experiment_id, side_by_side(summary))
     figures, skipped = make_figures(records, out)
     blocks = build_blocks(records, table, figures, skipped)
