@@ -3,9 +3,9 @@
     python benchmarks/routing_diagnostics.py                  # default vs paper recipe, ~2 min on 2 cores
     python benchmarks/routing_diagnostics.py --steps 300 --recipes paper default --iters 2 3
 
-For each recipe, a net is trained for ``--steps`` Adam steps on Fashion-MNIST (batch 32, spread loss,
-margin 0.5), then every routed layer is re-run on a fixed batch with the plain reference routing stopped
-after t = 1, 2, ... iterations. Per layer and t it prints:
+For each recipe, a net is trained for ``--steps`` Adam steps on Fashion-MNIST (batch 32, the recipe's own
+loss; the spread loss at margin 0.5), then every routed layer is re-run on a fixed batch with the plain
+reference routing stopped after t = 1, 2, ... iterations. Per layer and t it prints:
 - ``entropy``: the entropy of each child's assignments over the parent types of one receptive field
   (renormalised there under global competition), divided by its value under uniform assignments
   (1 = uniform, 0 = everything to one parent type);
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from harness.data import get_dataset, iterate  # noqa: E402
-from harness.losses import spread_loss  # noqa: E402
+from harness.losses import get_loss  # noqa: E402
 from models.capsules import ClassCaps, ConvCaps  # noqa: E402
 from models.em_routing import em_routing  # noqa: E402
 
@@ -40,10 +40,11 @@ def trained_net(recipe: str, iters: int | None, steps: int, train_ds) -> torch.n
         kwargs["routing_iters"] = iters
     model = models.create_model("em_capsnet_small", **kwargs)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = get_loss(model.default_loss)
     model.train()
     batches = iterate(train_ds, 32, shuffle=True, train=True, seed=0)
     for _, (x, y, _) in zip(range(steps), batches, strict=False):
-        loss = spread_loss(model(x), y, 0.5)
+        loss = loss_fn(model(x), y, 0.5)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -8,8 +8,9 @@
 
 Every registered model takes [0, 1] pixels N×C×H×W, normalises inside, and returns class logits
 N×classes. Each model carries ``model_name`` and ``model_kwargs`` (set by ``create_model``) so that
-it can be rebuilt from a record, ``family`` ("capsule" or "cnn"), ``default_loss``
-("spread" or "cross_entropy") and ``default_lr`` (Adam's learning rate that the family learns best with).
+it can be rebuilt from a record, ``family`` ("capsule" or "cnn"), ``default_loss`` ("spread" or
+"cross_entropy"; a capsule net's comes from its recipe) and ``default_lr`` (Adam's learning rate that the
+family learns best with).
 """
 
 from models import cnn, matrix_capsnet  # noqa: F401  (importing a family registers its models)

@@ -50,5 +50,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
     check_model_name(name)
     model = _model_entrypoints[name](**kwargs)
     model.model_name = name
-    model.model_kwargs = dict(kwargs)
+    # a variant that resolves a recipe records every setting it built with, so a checkpoint rebuilds the
+    # same model even after the recipe's defaults change
+    model.model_kwargs = {**getattr(model, "resolved_kwargs", {}), **kwargs}
     return model

@@ -13,6 +13,7 @@ sigmoid rather than recovered from a_j, so they never saturate and attacks alway
 
 from __future__ import annotations
 
+import inspect
 from enum import StrEnum
 
 import torch
@@ -26,6 +27,11 @@ from models.global_softmax import conv_out_size
 from models.normalization import PerImageStandardize
 
 
+class Loss(StrEnum):  # the runner's loss names (harness.losses), as a model may declare its default
+    SPREAD = "spread"
+    CROSS_ENTROPY = "cross_entropy"
+
+
 class Conv1Norm(StrEnum):
     NONE = "none"  # the paper: ReLU(Conv1(x))
     BATCH = "batch"  # ReLU(BatchNorm(Conv1(x))), Conv1 without bias
@@ -33,7 +39,6 @@ class Conv1Norm(StrEnum):
 
 class MatrixCapsNet(nn.Module):
     family = "capsule"
-    default_loss = "spread"
     default_lr = 3e-3  # the runner's optim.lr when left at 0 (docs/capsule_recipe.md)
 
     def __init__(
@@ -50,6 +55,7 @@ class MatrixCapsNet(nn.Module):
         coord_add: bool = True,
         lambda_schedule: str = "official",  # official: final (1 - 0.95^t) | linear: 1, 2, 3 | constant
         final_lambda: float = 0.01,
+        class_lambda_scale: float = 1.0,  # the class layer's λ_t = this × every other layer's λ_t
         cost_norm: str = "none",  # none (paper) | zscore (seed article) | scaled (Gritzman 2019)
         routing: str = "fast",  # fast (models.em_fast) | reference (unfold + einsum, docs/em_routing.md)
         var_floor: float = DEFAULT_VAR_FLOOR,
@@ -58,8 +64,10 @@ class MatrixCapsNet(nn.Module):
         weight_std: float = 0.5,
         beta_a_init: tuple[float, float] = (0.0, 0.0),  # mean, std of each parent type's beta_a
         beta_a_units: str = "cost",  # cost (paper) | logit: the parameter is λ_T beta_a (same math)
+        default_loss: str = "spread",  # the runner's loss when loss.name is "auto": spread | cross_entropy
     ):
         super().__init__()
+        self.default_loss = parse_choice(Loss, default_loss, "default_loss").value
         for name, value in dict(in_channels=in_channels, num_classes=num_classes, A=A, B=B, C=C, D=D).items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -67,6 +75,9 @@ class MatrixCapsNet(nn.Module):
         cost_norm = parse_choice(CostNorm, cost_norm, "cost_norm").value
         routing = parse_choice(Routing, routing, "routing").value
         lambdas = inverse_temperatures(lambda_schedule, routing_iters, final_lambda)
+        if not class_lambda_scale > 0:
+            raise ValueError(f"class_lambda_scale must be > 0, got {class_lambda_scale!r}")
+        class_lambdas = [class_lambda_scale * lam for lam in lambdas]
 
         # grid sides and the receptive-field centres of ConvCaps2's positions (for coordinate addition)
         side1 = conv_out_size(input_size, 5, 2)
@@ -95,7 +106,9 @@ class MatrixCapsNet(nn.Module):
         )
         self.conv_caps1 = ConvCaps(B, C, 3, 2, lambdas, competition=competition, **routing_args)
         self.conv_caps2 = ConvCaps(C, D, 3, 1, lambdas, competition=competition, **routing_args)
-        self.class_caps = ClassCaps(D, num_classes, lambdas, centres, coord_add=coord_add, **routing_args)
+        self.class_caps = ClassCaps(
+            D, num_classes, class_lambdas, centres, coord_add=coord_add, **routing_args
+        )
 
     def _check_input(self, x: torch.Tensor) -> None:
         want = (self.in_channels, self.input_size, self.input_size)
@@ -124,9 +137,15 @@ class MatrixCapsNet(nn.Module):
 
 # Training recipes: constructor settings that differ from MatrixCapsNet's own (the paper's) defaults.
 # "capsbench" is what learns best in the learning benchmark (docs/capsule_recipe.md has the evidence);
-# "paper": the paper's settings (3 iterations, its λ schedule) and the earlier N(0, 0.5²) transforms.
+# "paper": the paper's settings (3 iterations, its λ schedule, spread loss) and N(0, 0.5²) transforms.
 RECIPES = {
-    "capsbench": dict(routing_iters=2, weight_init="identity", weight_std=0.1),
+    "capsbench": dict(
+        routing_iters=2,
+        weight_init="identity",
+        weight_std=0.1,
+        class_lambda_scale=3.0,
+        default_loss="cross_entropy",
+    ),
     "paper": {},
 }
 
@@ -134,7 +153,13 @@ RECIPES = {
 def _create_capsnet(recipe: str = "capsbench", **kwargs) -> MatrixCapsNet:
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}: use one of {', '.join(map(repr, RECIPES))}")
-    return MatrixCapsNet(**{**RECIPES[recipe], **kwargs})
+    settings = {**RECIPES[recipe], **kwargs}
+    model = MatrixCapsNet(**settings)
+    # every constructor argument as built (defaults included), for create_model's model_kwargs
+    bound = inspect.signature(MatrixCapsNet).bind(**settings)
+    bound.apply_defaults()
+    model.resolved_kwargs = dict(bound.arguments)
+    return model
 
 
 @register_model

@@ -89,4 +89,5 @@ def test_torch_compile_runs_the_kernel_as_is():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*(Dynamo does not know how to trace|Dynamo detected)")
         got = torch.compile(model)(x)
-    torch.testing.assert_close(got, want)
+    # float32 rounding of the compiled elementwise ops, relative to logits of size ~4 (class scale 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

@@ -52,7 +52,7 @@ def test_capsule_contract(name):
     torch.manual_seed(0)
     kwargs = dict(num_classes=4, input_size=28, routing_iters=2, cost_norm="zscore")
     model = models.create_model(name, **kwargs)
-    assert model.family == "capsule" and model.default_loss == "spread"
+    assert model.family == "capsule" and model.default_loss == "cross_entropy"  # the capsbench recipe's
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         poses, acts = model.forward_capsules(x)
@@ -84,6 +84,19 @@ def test_capsnet_options_are_checked():
         models.create_model("em_capsnet_small", routing="slow")
     with pytest.raises(ValueError, match="input_size 16 is too small"):
         models.create_model("em_capsnet_small", input_size=16)
+    with pytest.raises(ValueError, match="class_lambda_scale must be > 0"):
+        models.create_model("em_capsnet_small", class_lambda_scale=0)
+    with pytest.raises(ValueError, match="unknown default_loss 'hinge'"):
+        models.create_model("em_capsnet_small", default_loss="hinge")
     model = models.create_model("em_capsnet_small")
     with pytest.raises(ValueError, match=r"expected input N×1×32×32, got \(1, 1, 28, 28\)"):
         model(torch.rand(1, 1, 28, 28))
+
+
+def test_class_lambda_scale_scales_only_the_class_layer():
+    base = models.create_model("em_capsnet_small", class_lambda_scale=1)
+    scaled = models.create_model("em_capsnet_small", class_lambda_scale=10)
+    assert scaled.conv_caps1.inverse_temperatures == base.conv_caps1.inverse_temperatures
+    assert scaled.conv_caps2.inverse_temperatures == base.conv_caps2.inverse_temperatures
+    want = [10 * lam for lam in base.class_caps.inverse_temperatures]
+    assert scaled.class_caps.inverse_temperatures == pytest.approx(want)

@@ -19,6 +19,7 @@ from harness import tracking
 from harness.config import ConfigError
 from harness.study import StudyError, main, open_study, run_study, status_text
 from harness.study.config import list_studies, load_study, run_config
+from harness.study.trials import params_to_keys, suggest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -187,6 +188,7 @@ def test_per_model_settings_and_overrides_apply():
         ("[run.data]\nname = 'norb'\n", "unknown dataset 'norb'"),
         ("[run.data]\nview = 'sideways'\n", "run.data.view: expected one of"),
         ("[tune.cnn]\nlr = [0.1, 0.01]\n", "tune.cnn.lr: expected \\[low, high\\]"),
+        ("[tune.capsule]\nloss = ['hinge']\n", "tune.capsule.loss: choose from cross_entropy, spread"),
         ("stages = ['tune', 'plot']\n", "unknown stage 'plot'"),
         ("[per_model.cnn_baseline.optim]\nlr = 0.1\n", "names a model that is not in models"),
         ("[per_model.cnn_small.model.args]\nroutings = 3\n", "model 'cnn_small' rejects its args"),
@@ -203,6 +205,24 @@ def test_bad_study_file_fails_before_any_work(tmp_path, monkeypatch, capsys, tex
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert not (tmp_path / "studies").exists() and not (tmp_path / "mlflow.db").exists()  # no work done
+
+
+def test_capsule_trials_sample_a_margin_only_for_the_spread_loss():
+    cfg = load_study("demo")
+    assert cfg.tune.capsule.loss == ["spread"]  # the default: the paper's loss and its margin schedule
+    cfg.tune.capsule.loss = ["cross_entropy", "spread"]
+    common = dict(lambda_schedule="official", final_lambda=0.01, lr=3e-3)
+    margins = dict(margin_start=0.2, margin_end=0.9, margin_ramp_epochs=5.0)
+    ce = suggest(optuna.trial.FixedTrial(dict(common, loss="cross_entropy")), "capsule", cfg)
+    assert ce["loss.name"] == "cross_entropy" and not any(k.startswith("loss.margin") for k in ce)
+    assert "model.args.class_lambda_scale" not in ce  # the recipe's own class λ
+    params = dict(common, loss="spread", **margins)
+    spread = suggest(optuna.trial.FixedTrial(params), "capsule", cfg)
+    assert spread["loss.name"] == "spread" and spread["loss.margin_end"] == 0.9
+    assert spread["loss.margin_ramp_epochs"] == 5.0 and spread["model.args.final_lambda"] == 0.01
+    # the spread loss runs at the paper's class λ, in the trial and in the final run from its best params
+    assert spread["model.args.class_lambda_scale"] == 1.0
+    assert params_to_keys("capsule", params) == spread
 
 
 def test_unknown_study_name_lists_the_known_ones(capsys):

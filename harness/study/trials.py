@@ -1,6 +1,7 @@
 """One trial: the search space it samples, the run it trains, and the budget it counts against.
 
-Capsules search the λ schedule, final λ, the margin schedule and the learning rate; CNNs learning rate,
+Capsules search the loss, the λ schedule, final λ, the learning rate and, in trials that chose the spread
+loss, its margin schedule; CNNs learning rate,
 dropout and weight decay. The objective is the lowest familiar-view validation error of a nested MLflow
 run of ``fit``, reported per epoch for median pruning.
 """
@@ -16,12 +17,13 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.study import storage
-from harness.study.config import LOG_SCALE, StudyConfig, model_family, run_config
+from harness.study.config import CHOICES, LOG_SCALE, StudyConfig, model_family, run_config
 from harness.study.state import Study, StudyError
 
 # Optuna parameter name -> RunConfig key it sets
 PARAM_KEYS = {
     "capsule": {
+        "loss": "loss.name",  # sampled first: the margin parameters below depend on it
         "lambda_schedule": "model.args.lambda_schedule",
         "final_lambda": "model.args.final_lambda",
         "margin_start": "loss.margin_start",
@@ -31,6 +33,9 @@ PARAM_KEYS = {
     },
     "cnn": {"lr": "optim.lr", "dropout": "model.args.dropout", "weight_decay": "optim.weight_decay"},
 }
+
+
+MARGIN_PARAMS = ("margin_start", "margin_end", "margin_ramp_epochs")  # only the spread loss has a margin
 
 
 class SurplusTrial(Exception):
@@ -43,15 +48,26 @@ def suggest(trial: optuna.Trial, family: str, cfg: StudyConfig) -> dict[str, Any
     out = {}
     for name, key in PARAM_KEYS[family].items():
         bounds = getattr(space, name)
-        if name == "lambda_schedule":
+        if name in MARGIN_PARAMS and out.get("loss.name") != "spread":
+            continue
+        if name in CHOICES:
             out[key] = trial.suggest_categorical(name, list(bounds))
         else:
             out[key] = trial.suggest_float(name, bounds[0], bounds[1], log=name in LOG_SCALE)
-    return out
+    return with_loss_temperature(out)
 
 
 def params_to_keys(family: str, params: dict[str, Any]) -> dict[str, Any]:
-    return {PARAM_KEYS[family][k]: v for k, v in params.items() if k in PARAM_KEYS[family]}
+    keys = {PARAM_KEYS[family][k]: v for k, v in params.items() if k in PARAM_KEYS[family]}
+    return with_loss_temperature(keys)
+
+
+def with_loss_temperature(keys: dict[str, Any]) -> dict[str, Any]:
+    """A trial on the spread loss runs the class layer at the paper's λ (``class_lambda_scale`` 1): the
+    capsbench recipe's larger class λ suits cross-entropy only (docs/capsule_recipe.md, third round)."""
+    if keys.get("loss.name") == "spread":
+        keys["model.args.class_lambda_scale"] = 1.0
+    return keys
 
 
 def trial_run_config(study: Study, model: str, params: dict[str, Any]):
