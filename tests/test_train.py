@@ -198,7 +198,7 @@ def test_interrupted_or_pruned_then_resumed_equals_uninterrupted(synth_cfg):
     assert strip(again.history) == strip(full.history) and same_weights(full.run_id, pruned.run_id)
     history = mlflow.MlflowClient().get_metric_history(pruned.run_id, "margin")  # the spread loss's margin
     assert [h.step for h in history] == [1, 2, 3]
-    assert [h.value for h in history] == sorted(h.value for h in history) and 0.2 < history[0].value < 0.9
+    assert [h.value for h in history] == sorted(h.value for h in history) and 0.2 < history[0].value < 0.3
 
 
 def test_non_finite_loss_fails_the_run_and_resumes(synth_cfg, monkeypatch):
