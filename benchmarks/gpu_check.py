@@ -6,8 +6,8 @@ Made for a borrowed accelerator machine with a fixed time budget and no MLflow (
 stack is not installed there): every result is a JSON line in OUT/results.jsonl. A plan is a list of
 training jobs run side by side, GPU jobs all at once and CPU jobs (fused CPU routing kernel, 2 threads
 each) a few at a time; each job is this script in a child process (``--job``) running the runner's loop
-(the dataset's augmentation, the model's default loss, the runner's margin schedule, Adam with per-epoch
-decay, test error after every epoch) until its epochs are done or the budget ends.
+(the dataset's augmentation, the model's default loss, the runner's margin schedule, Adam on the runner's
+default learning-rate schedule, test error after every epoch) until its epochs are done or the budget ends.
 
 What it runs: the agreement of the CUDA fast path with the plain reference in float64; training
 throughput on CUDA (harness.bench's measurement); then, side by side, one factor at a time on a
@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from harness import data, evaluate, losses  # noqa: E402
-from harness.config import LossConfig, OptimConfig  # noqa: E402
+from harness import data, evaluate, losses, schedule  # noqa: E402
+from harness.config import LossConfig, RunConfig  # noqa: E402
 from harness.device import autocast  # noqa: E402
 
 PAPER = dict(recipe="paper")
@@ -109,9 +109,12 @@ def run_job(spec: dict, out: Path, deadline: float) -> None:
     model = models.create_model(spec["model"], **shape, **spec["model_args"]).to(device)
     loss_fn = losses.get_loss(model.default_loss)
     loss_cfg = LossConfig()
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec["lr"] or model.default_lr)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=OptimConfig().lr_decay)
-    steps = -(-len(train_ds) // spec["batch_size"])
+    cfg = RunConfig()  # the runner's default schedule for this model, over this run's epochs
+    cfg.optim.lr, cfg.train.epochs = spec["lr"] or model.default_lr, spec["epochs"]
+    cfg.optim.schedule = schedule.resolve(cfg.optim.schedule, model.default_schedule)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+    steps = schedule.steps_per_epoch(len(train_ds), spec["batch_size"])
+    scheduler = schedule.build_scheduler(optimizer, cfg, steps)
     seconds = 0.0
     for epoch in range(1, spec["epochs"] + 1):
         model.train()
@@ -127,7 +130,7 @@ def run_job(spec: dict, out: Path, deadline: float) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        scheduler.step()
+            scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_s = time.perf_counter() - t0

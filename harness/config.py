@@ -54,7 +54,9 @@ class OptimConfig:
     optimizer: str = "adam"  # adam | adamw
     lr: float = 0.0  # 0 = the model's default_lr (capsules 3e-3, CNNs 1e-3); the run logs the value used
     weight_decay: float = 0.0
-    lr_decay: float = 0.8  # the learning rate's decay per epoch (0.96 before; docs/capsule_recipe.md)
+    schedule: str = "auto"  # auto: the model's | cosine: lr -> 0 over train.epochs | exponential: × lr_decay
+    schedule_epochs: int = 0  # the cosine's length (0 = train.epochs); a study trial runs its final's start
+    lr_decay: float = 0.8  # the exponential schedule's decay per epoch (docs/capsule_recipe.md)
 
 
 @dataclass
@@ -185,6 +187,15 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     if path:
         cfg = merge(cfg, load_toml(path), "")
     return apply_overrides(cfg, overrides or [])
+
+
+# Keys added after runs were recorded, at the value such a run trained with (its record lacks them).
+ADDED_SINCE_RECORDED = {"optim": {"schedule": "exponential", "schedule_epochs": 0}}
+
+
+def recorded_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded config (nested dict) with every key added since, at the value it trained with."""
+    return deep_merged(ADDED_SINCE_RECORDED, data)
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -18,6 +18,7 @@ class BaselineCNN(nn.Module):
     family = "cnn"
     default_loss = "cross_entropy"
     default_lr = 1e-3  # the runner's optim.lr when left at 0 (docs/capsule_recipe.md)
+    default_schedule = "exponential"  # the runner's optim.schedule when left at "auto" (same doc)
 
     def __init__(
         self,

@@ -40,6 +40,7 @@ class Conv1Norm(StrEnum):
 class MatrixCapsNet(nn.Module):
     family = "capsule"
     default_lr = 3e-3  # the runner's optim.lr when left at 0 (docs/capsule_recipe.md)
+    default_schedule = "cosine"  # the runner's optim.schedule when left at "auto" (same doc)
 
     def __init__(
         self,

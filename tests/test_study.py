@@ -11,15 +11,17 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 
-from harness import tracking
+from harness import schedule, tracking
 from harness.config import ConfigError
 from harness.study import StudyError, main, open_study, run_study, status_text
 from harness.study.config import list_studies, load_study, run_config
-from harness.study.trials import params_to_keys, suggest
+from harness.study.trials import params_to_keys, suggest, trial_run_config
+from harness.train import check_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -223,6 +225,16 @@ def test_capsule_trials_sample_a_margin_only_for_the_spread_loss():
     # the spread loss runs at the paper's class λ, in the trial and in the final run from its best params
     assert spread["model.args.class_lambda_scale"] == 1.0
     assert params_to_keys("capsule", params) == spread
+
+
+def test_a_trial_trains_the_first_epochs_of_its_final_runs_schedule():
+    cfg = load_study("demo", ["tune.epochs=2", "run.train.epochs=6", "run.optim.schedule=cosine"])
+    trial = trial_run_config(SimpleNamespace(cfg=cfg, workers=1), "cnn_small", {"optim.lr": 0.002})
+    final = run_config(cfg, "cnn_small", {"optim.lr": 0.002})
+    assert trial.train.epochs == 2 and trial.optim.schedule_epochs == 6 and final.optim.schedule_epochs == 0
+    check_config(trial)
+    for progress in (0.0, 0.5, 1.0, 1.99):  # the trial's rates are the final run's over its first 2 epochs
+        assert schedule.lr_factor(trial, progress) == schedule.lr_factor(final, progress)
 
 
 def test_unknown_study_name_lists_the_known_ones(capsys):

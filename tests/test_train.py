@@ -13,7 +13,7 @@ import pytest
 import torch
 from trust_support import temp_store
 
-from harness import losses, tracking, train
+from harness import losses, schedule, tracking, train
 from harness.config import RunConfig, apply_overrides
 from harness.data import synthnorb
 from harness.device import DeviceError, resolve_device
@@ -109,7 +109,8 @@ def test_cnn_learns_on_synthnorb_and_the_run_record_is_complete(synth_cfg):
     )
     assert m["best_val_error"] == pytest.approx(min(h["val_error"] for h in result.history))
     lrs = [h.value for h in client.get_metric_history(result.run_id, "lr")]
-    assert lrs == pytest.approx([0.002, 0.002 * 0.8, 0.002 * 0.8**2])
+    assert lrs == pytest.approx([0.002, 0.002 * 0.8, 0.002 * 0.8**2])  # the CNNs' exponential schedule
+    assert p["optim.schedule"] == "exponential"  # "auto" resolved and logged
     assert artifacts(result.run_id) == [
         "checkpoints/model_best.pt",
         "checkpoints/model_epoch_001.pt",
@@ -124,7 +125,7 @@ def test_cnn_learns_on_synthnorb_and_the_run_record_is_complete(synth_cfg):
         "viewpoint/heatmap.png",
     ]
     model, cfg = tracking.load_model(result.run_id, "best")
-    assert cfg == synth_cfg("train.epochs=3", "optim.lr=0.002")
+    assert cfg == synth_cfg("train.epochs=3", "optim.lr=0.002", "optim.schedule=exponential")  # as resolved
     assert model.model_kwargs["in_channels"] == 1 and model.model_kwargs["num_classes"] == 5
 
 
@@ -158,6 +159,7 @@ def test_capsule_run_trains_and_reloads(synth_cfg):
     tags = run.data.tags
     assert tags["capsbench.family"] == "capsule" and tags["capsbench.loss"] == "cross_entropy"  # recipe's
     assert run.data.params["optim.lr"] == "0.003" and result.history[0]["lr"] == 0.003  # capsules' default_lr
+    assert run.data.params["optim.schedule"] == "cosine"  # and their default schedule
     assert "margin" not in result.history[0] and "margin" not in run.data.metrics  # the capsbench recipe's CE
     model, _ = tracking.load_model(result.run_id)
     x = torch.rand(2, 1, 32, 32)
@@ -174,9 +176,14 @@ def test_capsule_learns_on_synthnorb(synth_cfg):
     assert result.final_test_error < result.history[0]["test_error"] - 0.1
 
 
-def test_interrupted_or_pruned_then_resumed_equals_uninterrupted(synth_cfg):
-    cfg = synth_cfg("loss.name=spread", "train.epochs=3", "data.limit_train=256")
+@pytest.mark.parametrize("lr_schedule", ["exponential", "cosine"])
+def test_interrupted_or_pruned_then_resumed_equals_uninterrupted(synth_cfg, lr_schedule):
+    cfg = synth_cfg(
+        "loss.name=spread", f"optim.schedule={lr_schedule}", "train.epochs=3", "data.limit_train=256"
+    )
     full = train.fit(cfg)
+    lr = [h["lr"] for h in full.history]  # each epoch's first-step rate, moved every step by the schedule
+    assert lr == pytest.approx([lr[0] * schedule.lr_factor(cfg, epoch) for epoch in range(3)])
 
     def interrupt(epoch, metrics):
         if epoch == 1:

@@ -44,7 +44,9 @@ def interrupted_run(experiment, data_root, *overrides):
 
 
 def test_resume_applies_a_new_learning_rate_and_weight_decay(data_root, capsys):
-    run_id = interrupted_run("resume-lr", data_root, "optim.lr=0.01", "optim.lr_decay=0.5")
+    run_id = interrupted_run(
+        "resume-lr", data_root, "optim.lr=0.01", "optim.schedule=exponential", "optim.lr_decay=0.5"
+    )
     argv = ["--resume", run_id[:8], "--set", "optim.lr=0.001", "--set", "optim.weight_decay=0.05"]
     assert train.main(argv) == 0
 
@@ -57,6 +59,25 @@ def test_resume_applies_a_new_learning_rate_and_weight_decay(data_root, capsys):
     tags = mlflow.get_run(run_id).data.tags
     assert '"optim.lr": 0.001' in tags["capsbench.resume_overrides"]
     assert tracking.run_status(run_id) == "FINISHED"
+
+
+def test_a_run_recorded_before_the_schedule_setting_resumes_on_its_exponential_schedule(data_root):
+    run_id = interrupted_run(
+        "resume-older", data_root, "optim.lr=0.01", "optim.schedule=exponential", "optim.lr_decay=0.5"
+    )
+    # what a run recorded before optim.schedule existed holds: neither key, in the state nor in config.toml
+    state_file, config_file = artifact(run_id, tracking.RESUME_FILE), artifact(run_id, tracking.CONFIG_FILE)
+    state = torch.load(state_file, weights_only=True)
+    del state["config"]["optim"]["schedule"], state["config"]["optim"]["schedule_epochs"]
+    torch.save(state, state_file)
+    lines = config_file.read_text().splitlines()
+    config_file.write_text("\n".join(line for line in lines if not line.startswith("schedule")) + "\n")
+    assert "\nschedule = " not in config_file.read_text()
+
+    assert train.main(["--resume", run_id]) == 0
+    lr = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run_id, "lr")}
+    assert lr == {1: 0.01, 2: pytest.approx(0.005)}  # not the cosine of today's default
+    assert "capsbench.resume_overrides" not in mlflow.get_run(run_id).data.tags
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import checkpoint
-from harness.config import RunConfig, from_dict
+from harness.config import RunConfig, from_dict, recorded_config
 from harness.tracking.runs import CONFIG_FILE
 from harness.tracking.store import (
     CheckpointFileError,
@@ -62,7 +62,7 @@ def load_config(run_id: str) -> RunConfig:
     import tomllib
 
     text = download_artifact(run_id, CONFIG_FILE).read_text()
-    return from_dict(RunConfig, tomllib.loads(text))
+    return from_dict(RunConfig, recorded_config(tomllib.loads(text)))
 
 
 def checkpoint_file(which: str | int) -> str:

@@ -38,7 +38,7 @@ FLAGS = (
     Flag("--view", "data.view", "novel-viewpoint split of NORB-format data", choices=data.VIEWS),
     Flag("--epochs", "train.epochs", "number of epochs", int),
     Flag("--batch-size", "data.batch_size", "training batch size", int),
-    Flag("--lr", "optim.lr", "initial learning rate (0 = the model's default_lr), decayed per epoch", float),
+    Flag("--lr", "optim.lr", "initial learning rate (0 = the model's default_lr); see optim.schedule", float),
     Flag("--loss", "loss.name", "auto = the model's default", choices=[n.value for n in losses.LossName]),
     Flag("--device", "train.device", "auto (cuda, mps, cpu) | cpu | cuda | cuda:N | mps"),
     Flag("--precision", "train.precision", "bf16 autocasts; EM routing stays float32", choices=PRECISIONS),

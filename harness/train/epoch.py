@@ -9,7 +9,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from harness import data, evaluate, losses
+from harness import data, evaluate, losses, schedule
 from harness.config import RunConfig
 from harness.device import autocast, synchronize
 from harness.train.setup import NonFiniteLossError, Training, TrainingError
@@ -20,7 +20,7 @@ def train_one_epoch(t: Training, epoch: int, run_id: str = "") -> dict:
     cfg, device, dataset, model, optimizer = t.cfg, t.device, t.ds.train, t.runner, t.optimizer
     model.train()
     n_total = len(dataset)
-    steps = max(1, math.ceil(n_total / cfg.data.batch_size))
+    steps = schedule.steps_per_epoch(n_total, cfg.data.batch_size)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     wrong = torch.zeros((), device=device, dtype=torch.int64)
     seen, margin = 0, losses.margin_at(cfg.loss, epoch - 1)
@@ -53,6 +53,7 @@ def train_one_epoch(t: Training, epoch: int, run_id: str = "") -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        t.scheduler.step()  # the schedule moves every step (harness.schedule)
         loss_sum += loss.detach() * len(y)
         wrong += (logits.detach().argmax(1) != y).sum()
         seen += len(y)

@@ -88,7 +88,6 @@ def _epoch(t: Training, run: tracking.TrackedRun, epoch: int) -> tuple[dict, tup
     t0 = time.perf_counter()
     lr = t.optimizer.param_groups[0]["lr"]
     train_metrics = train_one_epoch(t, epoch, run.run_id)
-    t.scheduler.step()
     if t.loss_name is not losses.LossName.SPREAD:
         del train_metrics["margin"]  # only the spread loss has a margin
     eval_metrics, test_preds, test_labels = evaluate_epoch(t)

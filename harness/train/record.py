@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from harness import checkpoint, evaluate, tracking
-from harness.config import ConfigError, RunConfig, flatten, to_dict
+from harness.config import ConfigError, RunConfig, flatten, recorded_config, to_dict
 from harness.device import describe
 from harness.train.setup import Datasets, Training
 
@@ -56,7 +56,8 @@ def reopen_run(t: Training, run_id: str, state: dict) -> tracking.TrackedRun:
             f"{run_id[:8]} was trained on (their sha256s differ); point data.root at those files"
         )
     run = tracking.resume_run(run_id, system_metrics=cfg.train.system_metrics)
-    changed = {k: v for k, v in flatten(cfg).items() if flatten(state["config"]).get(k) != v}
+    before = flatten(recorded_config(state["config"]))
+    changed = {k: v for k, v in flatten(cfg).items() if before.get(k) != v}
     run.set_tags({"capsbench.resumed_from_epoch": state["epoch"], "device": describe(t.device)})
     if changed:
         run.set_tags({"capsbench.resume_overrides": json.dumps(changed, sort_keys=True, default=str)})

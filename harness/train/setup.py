@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 import models
-from harness import checkpoint, data, evaluate, losses, tracking
-from harness.config import ConfigError, RunConfig, check_model_name, flatten
+from harness import checkpoint, data, evaluate, losses, schedule, tracking
+from harness.config import ConfigError, RunConfig, check_model_name, flatten, recorded_config
 from harness.device import resolve_device
 from harness.errors import CapsbenchError
 
@@ -68,6 +68,14 @@ def check_config(cfg: RunConfig) -> None:
         raise ConfigError(
             f"optim.lr={cfg.optim.lr} must be > 0 (or 0 for the model's default) and "
             f"optim.lr_decay={cfg.optim.lr_decay} in (0, 1]"
+        )
+    if cfg.optim.schedule not in schedule.CHOICES:
+        names = ", ".join(map(repr, schedule.CHOICES))
+        raise ConfigError(f"unknown optim.schedule {cfg.optim.schedule!r}: use one of {names}")
+    if 0 < cfg.optim.schedule_epochs < cfg.train.epochs or cfg.optim.schedule_epochs < 0:
+        raise ConfigError(
+            f"optim.schedule_epochs={cfg.optim.schedule_epochs} must be 0 (= train.epochs) or at least "
+            f"train.epochs={cfg.train.epochs}: the rate would reach 0 before the run ends"
         )
     try:
         losses.check_loss_config(cfg.loss)
@@ -121,10 +129,23 @@ def build_model(cfg: RunConfig, train_ds) -> nn.Module:
 
 
 def with_model_defaults(cfg: RunConfig, model: nn.Module) -> RunConfig:
-    """``cfg`` with ``optim.lr = 0`` replaced by the model's ``default_lr``: runs log the rate they used."""
-    if cfg.optim.lr:
+    """``cfg`` with ``optim.lr = 0`` and ``optim.schedule = "auto"`` replaced by the model's
+    ``default_lr`` and ``default_schedule``: runs log the rate and schedule they used."""
+    lr = cfg.optim.lr or model.default_lr
+    return replace(
+        cfg,
+        optim=replace(
+            cfg.optim, lr=lr, schedule=schedule.resolve(cfg.optim.schedule, model.default_schedule)
+        ),
+    )
+
+
+def resumed_config(cfg: RunConfig, state: dict) -> RunConfig:
+    """``cfg`` for resuming the run of ``state``: ``optim.schedule = "auto"`` means the schedule it ran on."""
+    if cfg.optim.schedule != schedule.AUTO:
         return cfg
-    return replace(cfg, optim=replace(cfg.optim, lr=model.default_lr))
+    recorded = recorded_config(state["config"])["optim"]["schedule"]
+    return replace(cfg, optim=replace(cfg.optim, schedule=recorded))
 
 
 @dataclass
@@ -165,12 +186,16 @@ def build_training(cfg: RunConfig, state: dict | None = None) -> Training:
             f"train.multicrop needs images larger than the model input; {cfg.data.name} has none"
         )
     model = build_model(cfg, ds.train).to(device)
-    cfg = with_model_defaults(cfg, model)
+    cfg = with_model_defaults(cfg if state is None else resumed_config(cfg, state), model)
     loss_name = losses.resolve_loss_name(cfg.loss.name, model.default_loss)
     optimizer = OPTIMIZERS[cfg.optim.optimizer](
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.optim.lr_decay)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    steps = schedule.steps_per_epoch(len(ds.train), cfg.data.batch_size)
+    done = state["epoch"] * steps if state is not None else 0
+    scheduler = schedule.build_scheduler(optimizer, cfg, steps, steps_done=done)
     t = Training(
         cfg=cfg,
         device=device,
@@ -207,7 +232,7 @@ def load_resume(run_id: str, cfg: RunConfig, force: bool) -> dict:
         raise TrainingError(
             f"cannot resume run {run_id}: {e}; it has no completed epoch to resume from, start a new run"
         ) from e
-    old, new = flatten(state["config"]), flatten(cfg)
+    old, new = flatten(recorded_config(state["config"])), flatten(resumed_config(cfg, state))
     for key in sorted(old.keys() | new.keys()):
         if old.get(key) != new.get(key) and key not in RESUME_CHANGEABLE:
             raise ConfigError(
@@ -218,28 +243,20 @@ def load_resume(run_id: str, cfg: RunConfig, force: bool) -> dict:
 
 
 def _restore(t: Training, state: dict) -> None:
+    """The model and run state of ``state`` (the optimiser and the schedule's position are restored by
+    build_training; a changed optim.lr or train.epochs takes effect through the schedule)."""
     t.model.load_state_dict(state["state_dict"])
-    t.optimizer.load_state_dict(state["optimizer"])
-    t.scheduler.load_state_dict(state["scheduler"])
-    _apply_resume_changes(t, state)
+    _apply_weight_decay_change(t, state)
     t.history, t.best, t.train_seconds = state["history"], state["best"], state["train_seconds"]
     t.start_epoch = state["epoch"]
     checkpoint.set_rng_state(state["rng"])  # last: building the model drew from the RNG
 
 
-def _apply_resume_changes(t: Training, state: dict) -> None:
-    """A changed optim.lr restarts the schedule from it (epoch k+1 runs at lr * lr_decay^k); a changed
-    optim.weight_decay applies from the next step (the restored optimiser would keep the old values)."""
+def _apply_weight_decay_change(t: Training, state: dict) -> None:
+    """A changed optim.weight_decay applies from the next step (the restored optimiser keeps the old one)."""
     new, old = t.cfg.optim, state["config"]["optim"]
-    groups = t.optimizer.param_groups
-    if new.lr != old["lr"]:
-        lr = new.lr * new.lr_decay ** state["epoch"]
-        for group in groups:
-            group["lr"], group["initial_lr"] = lr, new.lr
-        t.scheduler.base_lrs = [new.lr for _ in groups]
-        t.scheduler._last_lr = [lr for _ in groups]
     if new.weight_decay != old["weight_decay"]:
-        for group in groups:
+        for group in t.optimizer.param_groups:
             group["weight_decay"] = new.weight_decay
 
 
