@@ -235,6 +235,10 @@ def test_a_trial_trains_the_first_epochs_of_its_final_runs_schedule():
     check_config(trial)
     for progress in (0.0, 0.5, 1.0, 1.99):  # the trial's rates are the final run's over its first 2 epochs
         assert schedule.lr_factor(trial, progress) == schedule.lr_factor(final, progress)
+    longer = load_study("demo", ["tune.epochs=3", "run.train.epochs=1"])  # trials longer than the final run
+    trial = trial_run_config(SimpleNamespace(cfg=longer, workers=1), "cnn_small", {})
+    assert trial.train.epochs == 3 and trial.optim.schedule_epochs == 0
+    check_config(trial)
 
 
 def test_unknown_study_name_lists_the_known_ones(capsys):

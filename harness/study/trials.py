@@ -74,8 +74,10 @@ def trial_run_config(study: Study, model: str, params: dict[str, Any]):
     """A trial's RunConfig: the study's run settings, tuning epochs/limits, the sampled params."""
     cfg = study.cfg
     extra = dict(params)
-    if cfg.tune.epochs:  # the first tune.epochs of the final run, on the final run's schedule
-        extra["optim.schedule_epochs"] = run_config(cfg, model, params).train.epochs
+    if cfg.tune.epochs:
+        final_epochs = run_config(cfg, model, params).train.epochs
+        if final_epochs > cfg.tune.epochs:  # the first tune.epochs of the final run, on its schedule
+            extra["optim.schedule_epochs"] = final_epochs
         extra["train.epochs"] = cfg.tune.epochs
     if cfg.tune.limit_train:
         extra["data.limit_train"] = cfg.tune.limit_train
