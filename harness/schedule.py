@@ -37,8 +37,7 @@ def resolve(name: str, default_schedule: str) -> str:
 
 def lr_factor(cfg: RunConfig, progress: float) -> float:
     """The base rate's multiplier after ``progress`` epochs of training (fractional; 0 = the first step)."""
-    schedule = parse_choice(Schedule, cfg.optim.schedule, "optim.schedule")
-    if schedule is Schedule.EXPONENTIAL:
+    if cfg.optim.schedule == Schedule.EXPONENTIAL:  # a resolved name, checked by check_config
         return cfg.optim.lr_decay ** math.floor(progress + 1e-9)  # exact at epoch boundaries
     length = cfg.optim.schedule_epochs or cfg.train.epochs
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, length) / length))
@@ -47,19 +46,13 @@ def lr_factor(cfg: RunConfig, progress: float) -> float:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int, steps_done: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A scheduler to step after every optimiser step, positioned after ``steps_done`` steps at rate
-    ``cfg.optim.lr``."""
+    """A scheduler to step after every optimiser step, at rate ``cfg.optim.lr`` times the factor of
+    ``steps_done`` + the steps taken since (a resumed run counts on from where it stopped)."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = cfg.optim.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg, step / steps_per_epoch), last_epoch=-1
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, (steps_done + step) / steps_per_epoch)
     )
-    if steps_done:  # a resumed run: the rates of step ``steps_done``
-        scheduler.last_epoch = steps_done
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.optim.lr * lr_factor(cfg, steps_done / steps_per_epoch)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    return scheduler
 
 
 def steps_per_epoch(n_images: int, batch_size: int) -> int:
